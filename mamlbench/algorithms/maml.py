@@ -1,0 +1,149 @@
+"""MAML (second order) and first-order MAML on any `nn.Module`, tasks batched with `vmap` or looped.
+
+Example:
+    maml = MAML(model, inner_lr=0.4, inner_steps=1, loss_fn=F.cross_entropy)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    out = maml(support_x, support_y, query_x, query_y)   # leading dim: tasks
+    opt.zero_grad(); out.loss.backward(); opt.step()
+
+References: Finn, Abbeel & Levine, ICML 2017 (MAML and its first-order approximation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamlbench.algorithms.core import (
+    LR, Params, choose_strategy, detached_surrogate, forward, inner_grads, inner_loop, sgd_step,
+    split_state, task_batch_norm,
+)
+
+
+@dataclass
+class MetaOutput:
+    loss: Tensor          # mean query loss over tasks; .backward() gives the meta-gradient
+    task_losses: Tensor   # (tasks,) detached
+    query_outputs: Tensor  # (tasks, n_query, ...) detached model outputs on the query sets
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning around `model`.
+
+    Args:
+        model: any `nn.Module`; its trainable parameters are the meta-learned initialisation.
+        inner_lr: step size alpha of the inner SGD steps.
+        inner_steps: inner steps per task in `forward` (meta-training).
+        first_order: drop the second-order term (FOMAML): cheaper, usually slightly worse.
+        strategy: "vmap" batches tasks; "loop" runs them one by one with a per-task backward (peak
+            memory of one task); "auto" picks per device and model (`core.choose_strategy`).
+        loss_fn: loss(outputs, targets) -> scalar, used on support and query sets.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
+                 first_order: bool = False, strategy: str = "auto",
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy):
+        super().__init__()
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        if strategy not in ("auto", "vmap", "loop"):
+            raise ValueError(f"strategy must be auto, vmap or loop, got {strategy!r}")
+        self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
+        self.first_order, self.strategy, self.loss_fn = first_order, strategy, loss_fn
+
+    # ---- what a variant may override -------------------------------------------------------
+    def inner_lrs(self) -> LR:
+        """Step size(s) of the inner loop: a float here, learned tensors in Meta-SGD."""
+        return self.inner_lr
+
+    def adapt(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
+              inner_steps: int, batched: bool) -> Params:
+        """One task's inner loop: SGD on the support loss, differentiable w.r.t. `params`."""
+        def support_loss(p: Params) -> Tensor:
+            return self.loss_fn(forward(self.model, p, buffers, support_x), support_y)
+        return inner_loop(support_loss, params, self.inner_lrs(), inner_steps,
+                          first_order=self.first_order, batched=batched)
+
+    def task_loss(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
+                  query_x: Tensor, query_y: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
+        """(query loss after adaptation, query outputs) for one task."""
+        adapted = self.adapt(params, buffers, support_x, support_y, self.inner_steps, batched)
+        out = forward(self.model, adapted, buffers, query_x)
+        return self.loss_fn(out, query_y), out
+
+    # ---- the meta-objective ------------------------------------------------------------------
+    def resolve_strategy(self, device: torch.device) -> str:
+        return choose_strategy(self.model, device) if self.strategy == "auto" else self.strategy
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaOutput:
+        """Mean query loss after adaptation over a batch of tasks (leading dimension)."""
+        params, buffers = split_state(self.model)
+        if self.resolve_strategy(support_x.device) == "vmap":
+            with task_batch_norm(self.model, batched=True):
+                def one(sx, sy, qx, qy):
+                    return self.task_loss(params, buffers, sx, sy, qx, qy, batched=True)
+                losses, outs = torch.func.vmap(one, randomness="different")(support_x, support_y, query_x, query_y)
+            return MetaOutput(losses.mean(), losses.detach(), outs.detach())
+
+        # Loop: back-propagate each task at once so only one task's graph is alive.
+        n_tasks = support_x.shape[0]
+        leaves = [p for p in self.parameters() if p.requires_grad]
+        total: list[Tensor | None] = [None] * len(leaves)
+        losses, outs = [], []
+        with task_batch_norm(self.model, batched=False):
+            for t in range(n_tasks):
+                loss, out = self.task_loss(params, buffers, support_x[t], support_y[t], query_x[t], query_y[t],
+                                           batched=False)
+                if torch.is_grad_enabled() and leaves:
+                    grads = torch.autograd.grad(loss / n_tasks, leaves, allow_unused=True)
+                    total = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(total, grads)]
+                losses.append(loss.detach())
+                outs.append(out.detach())
+        losses = torch.stack(losses)
+        mean = losses.mean()
+        loss = detached_surrogate(mean, leaves, total) if torch.is_grad_enabled() and leaves else mean
+        return MetaOutput(loss, losses, torch.stack(outs))
+
+    @torch.no_grad()
+    def trajectory(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                   inner_steps: int, metric: Callable[[Tensor, Tensor], Tensor] | None = None,
+                   inner_lr: LR | None = None) -> Tensor:
+        """Query metric (default: the loss) of each task after 0..inner_steps steps: (tasks, steps+1).
+
+        Evaluation only: no meta-gradient, so every step is detached (memory flat in the steps).
+        """
+        metric = metric or self.loss_fn
+        lr = self.inner_lrs() if inner_lr is None else inner_lr
+        params, buffers = split_state(self.model)
+        params = {k: v.detach() for k, v in params.items()}
+
+        def support_loss_for(sx, sy):
+            return lambda p: self.loss_fn(forward(self.model, p, buffers, sx), sy)
+
+        def one(sx, sy, qx, qy, batched):
+            p, scores = params, []
+            for step in range(inner_steps + 1):
+                scores.append(metric(forward(self.model, p, buffers, qx), qy))
+                if step < inner_steps:
+                    if not batched:
+                        p = {k: v.detach().requires_grad_() for k, v in p.items()}
+                    with torch.enable_grad():
+                        grads, _ = inner_grads(support_loss_for(sx, sy), p, first_order=True, batched=batched)
+                    p = {k: v.detach() for k, v in sgd_step(p, grads, lr).items()}
+            return torch.stack(scores)
+
+        if self.resolve_strategy(support_x.device) == "vmap":
+            with task_batch_norm(self.model, batched=True):
+                return torch.func.vmap(lambda *a: one(*a, True), randomness="different")(
+                    support_x, support_y, query_x, query_y)
+        with task_batch_norm(self.model, batched=False):
+            return torch.stack([one(support_x[t], support_y[t], query_x[t], query_y[t], False)
+                                for t in range(support_x.shape[0])])
+
+
+def FOMAML(model: nn.Module, **kwargs) -> MAML:
+    """First-order MAML: the same update with the inner gradients treated as constants."""
+    return MAML(model, first_order=True, **kwargs)
