@@ -1,9 +1,119 @@
-"""Parameters of the data stages (download, prepare, episodize): the `data` section of params.yaml."""
+"""Parameters of the data stages (download, prepare, episodize): the `data` section of params.yaml.
+
+`DataParams.validate` rejects, before any download starts, evaluation settings that cannot be
+drawn from a split: N-way larger than the classes of a split, or shots + queries larger than the
+images of a class (20 drawers for Omniglot).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from mamlbench.data.splits import OMNIGLOT_VINYALS_SIZES, RAVI_PER_CLASS, RAVI_SIZES, SPLITS
+from mamlbench.schema import ConfigError, knob, section
+
+Dataset = Literal["omniglot", "mini-imagenet"]
+
+# Characters per official archive (Lake et al.); `prepare` checks what it decodes against these.
+OMNIGLOT_ARCHIVES = {"images_background": 964, "images_evaluation": 659,
+                     "images_background_small1": 136, "images_background_small2": 156}
+OMNIGLOT_DRAWERS = 20
+
+
+@dataclass(frozen=True)
+class EpisodeSetting:
+    """One (N-way, K-shot, queries) evaluation setting."""
+    n_way: int = knob(5, "Classes per episode (N).", ge=2)
+    k_shot: int = knob(1, "Support images per class (K).", ge=1)
+    n_query: int = knob(15, "Query images per class.", ge=1)
+
+
+def _settings(*triples):
+    return [EpisodeSetting(n, k, q) for n, k, q in triples]
+
+
+@dataclass(frozen=True)
+class OmniglotParams:
+    archives: list[str] = knob(["images_background", "images_evaluation"],
+                               "Archives to download and prepare; the small ones are a declared subset.",
+                               choices=list(OMNIGLOT_ARCHIVES))
+    image_size: int = knob(28, "Side of the prepared images (the MAML code: 28, LANCZOS).", ge=8)
+    scheme: Literal["maml", "vinyals"] = knob("maml", "Default class split: maml (1100/100/423 shuffled "
+                                              "characters) or vinyals (1028/172/423 fixed alphabets).")
+    maml_split: list[int] = knob([1100, 100], "Meta-train and meta-val characters of the maml split; "
+                                 "the rest is meta-test.", ge=1)
+    split_seed: int = knob(1, "Seed of the maml split's shuffle (the MAML code: random.seed(1)).", ge=0)
+    rotations: list[int] = knob([0, 90, 180, 270], "Rotations in degrees applied to sampled classes.",
+                                choices=[0, 90, 180, 270])
+    episodes: list[EpisodeSetting] = knob(_settings((5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)),
+                                          "Evaluation settings with fixed episodes.")
+
+    def split_sizes(self) -> dict[str, int]:
+        """Classes per split, statically: characters, times rotations where those are classes."""
+        if self.scheme == "vinyals":
+            return {s: n * len(self.rotations) for s, n in OMNIGLOT_VINYALS_SIZES.items()}
+        total = sum(OMNIGLOT_ARCHIVES[a] for a in self.archives)
+        train, val = self.maml_split
+        return {"train": train, "val": val, "test": total - train - val}
+
+    def validate(self, where: str) -> None:
+        if len(self.maml_split) != 2:
+            raise ConfigError(f"{where}.maml_split = {self.maml_split}: expected [meta-train, meta-val]")
+        if len(set(self.archives)) != len(self.archives) or not self.archives:
+            raise ConfigError(f"{where}.archives = {self.archives}: expected distinct archive names")
+        if not self.rotations or len(set(self.rotations)) != len(self.rotations):
+            raise ConfigError(f"{where}.rotations = {self.rotations}: expected distinct angles")
+        total = sum(OMNIGLOT_ARCHIVES[a] for a in self.archives)
+        if self.scheme == "maml" and sum(self.maml_split) >= total:
+            raise ConfigError(f"{where}.maml_split = {self.maml_split}: leaves no meta-test characters "
+                              f"out of the {total} in {', '.join(self.archives)}")
+        _check_settings(self.episodes, self.split_sizes() if _full(self.archives) else None,
+                        OMNIGLOT_DRAWERS, f"{where}.episodes")
+
+
+def _full(archives) -> bool:
+    return set(archives) == {"images_background", "images_evaluation"}
+
+
+@dataclass(frozen=True)
+class MiniImageNetParams:
+    source: str | None = knob(None, "Folder holding your mini-ImageNet: mini-imagenet-cache-{train,val,test}.pkl, "
+                                    "or the original JPEGs (n01532829...jpg) as named in the Ravi split files. "
+                                    "null: <mirror>/mini-imagenet.")
+    image_size: int = knob(84, "Side of the prepared RGB images (Ravi & Larochelle: 84).", ge=8)
+    episodes: list[EpisodeSetting] = knob(_settings((5, 1, 15), (5, 5, 15)), "Evaluation settings with fixed episodes.")
+
+    def validate(self, where: str) -> None:
+        _check_settings(self.episodes, RAVI_SIZES, RAVI_PER_CLASS, f"{where}.episodes")
+
+
+def _check_settings(settings, sizes: dict[str, int] | None, per_class: int, where: str) -> None:
+    for i, s in enumerate(settings):
+        if s.k_shot + s.n_query > per_class:
+            raise ConfigError(f"{where}[{i}]: k_shot + n_query = {s.k_shot + s.n_query} > {per_class} images per class")
+        for split, n in (sizes or {}).items():
+            if s.n_way > n:
+                raise ConfigError(f"{where}[{i}].n_way = {s.n_way}: more than the {n} classes of split '{split}'")
+
+
+@dataclass(frozen=True)
+class EpisodesParams:
+    seed: int = knob(20170309, "Seed of the fixed evaluation episodes: never the training seed.", ge=0)
+    n_test: int = knob(600, "Fixed meta-test episodes per setting (the MAML paper: 600).", ge=1)
+    n_val: int = knob(200, "Fixed meta-validation episodes per setting.", ge=1)
+    splits: list[str] = knob(["val", "test"], "Splits that get fixed episodes.", choices=list(SPLITS))
 
 
 @dataclass(frozen=True)
 class DataParams:
-    """Filled in by the data stages (issue 3)."""
+    mirror: str = knob("auto", "Where archives come from: auto (env MAMLBENCH_DATA_MIRROR, else ../shared/data "
+                               "beside the project when present, else the official URLs), off (official URLs), "
+                               "or a folder laid out <mirror>/<dataset>/<file> with an MD5SUMS file.")
+    opt_in: list[Literal["mini-imagenet"]] = knob([], "Datasets beyond Omniglot that `dvc repro` builds: mini-imagenet needs "
+                                     "images you supply (data.mini_imagenet.source).")
+    omniglot: OmniglotParams = section(OmniglotParams)
+    mini_imagenet: MiniImageNetParams = section(MiniImageNetParams)
+    episodes: EpisodesParams = section(EpisodesParams)
+
+    def settings(self, dataset: str) -> list[EpisodeSetting]:
+        return self.omniglot.episodes if dataset == "omniglot" else self.mini_imagenet.episodes

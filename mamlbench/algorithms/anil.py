@@ -1,0 +1,90 @@
+"""ANIL (Almost No Inner Loop): MAML whose inner loop adapts the head only.
+
+The body's parameters pass through the inner loop unchanged, yet they are still meta-learned: the
+query loss of the adapted head depends on the body through the features, so the meta-gradient
+reaches it (second order through the head's inner steps, unless `first_order`). Raghu et al. show
+this matches MAML's accuracy, evidence that MAML mostly reuses features rather than adapting them.
+
+Because the body is fixed within a task, a model that is `head(features(x))` (every model in
+`mamlbench.models.conv`) gets its support features computed once per task: each inner step then
+costs a pass through the head alone. Any other model works too, at the cost of a full forward per
+step, with the head named by its parameter prefix.
+
+References: Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards
+Understanding the Effectiveness of MAML", ICLR 2020.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamlbench.algorithms.core import LR, Params, forward, inner_grads, sgd_step
+from mamlbench.algorithms.stepwise import StepwiseMAML
+from mamlbench.schema import knob
+
+
+@dataclass(frozen=True)
+class ANILParams:
+    """The `anil` section: what ANIL adds to MAML."""
+    head: str = knob("head", "Submodule adapted in the inner loop; every other parameter is the body.")
+    first_order: bool = knob(False, "Drop the second-order term of the head's inner steps.")
+
+
+def _sub(state: Params, prefix: str) -> Params:
+    """Entries under `prefix.`, with the prefix stripped (the names a submodule's functional_call wants)."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+class ANIL(StepwiseMAML):
+    """MAML with the inner loop restricted to the parameters under `head`.
+
+    Args:
+        model, inner_lr, inner_steps, first_order, strategy, loss_fn: as `MAML`.
+        head: name of the submodule adapted per task (its parameters are those named `head.*`).
+            With a `features` submodule too, the model must compute `head(features(x))`.
+
+    References: Raghu et al., ICLR 2020 (section 4).
+
+    Example:
+        learner = ANIL(build_model("conv4_omniglot", n_way=5), inner_lr=0.4, inner_steps=1)
+        out = learner(support_x, support_y, query_x, query_y)
+        opt.zero_grad(); out.loss.backward(); opt.step()     # body and head both move
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
+                 strategy: str = "auto", loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                 head: str = "head"):
+        super().__init__(model, inner_lr, inner_steps, first_order, strategy, loss_fn)
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        if not any(k.startswith(head + ".") for k in names):
+            raise ValueError(f"ANIL: the model has no trainable parameters under head {head!r} "
+                             f"(parameters: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+        self.head = head
+        # The cached-features path needs the model to be exactly head(features(x)).
+        self.split = head == "head" and isinstance(getattr(model, "features", None), nn.Module)
+
+    def steps(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, n_steps: int, *,
+              batched: bool, first_order: bool, inner_lr: LR | None = None) -> Iterator[Params]:
+        """theta_0, ..., theta_n with only the head moving; the body is the same tensors throughout."""
+        prefix = self.head + "."
+        head = {k: v for k, v in params.items() if k.startswith(prefix)}
+        body = {k: v for k, v in params.items() if not k.startswith(prefix)}
+        if self.split:
+            # (n_support, n_features), a function of the body: computed once, reused every step.
+            feats = forward(self.model.features, _sub(body, "features"), _sub(buffers, "features"), support_x)
+            head_buffers = _sub(buffers, "head")
+
+            def support_loss(h: Params) -> Tensor:
+                return self.loss_fn(forward(self.model.head, _sub(h, "head"), head_buffers, feats), support_y)
+        else:
+            def support_loss(h: Params) -> Tensor:
+                return self.loss_fn(forward(self.model, {**body, **h}, buffers, support_x), support_y)
+
+        yield params
+        for s in range(n_steps):
+            grads, _ = inner_grads(support_loss, head, first_order=first_order, batched=batched)
+            head = sgd_step(head, grads, self.inner_lr_at(s) if inner_lr is None else inner_lr)
+            yield {**body, **head}

@@ -1,0 +1,272 @@
+"""MAML++: six changes to MAML that stabilise training and raise accuracy, each switchable.
+
+1. Multi-step loss (MSL): the meta-loss is a weighted sum of the query losses after every inner
+   step, not the last one only; the weights start uniform and anneal towards the last step, after
+   which only the last step counts. Gradients then reach the initialisation through short paths too.
+2. Derivative-order annealing (DA): first-order meta-gradients for the first iterations (cheap,
+   stable while the initialisation is poor), second order afterwards.
+3. Per-step BatchNorm running statistics (BNRS): one set of running statistics per inner step,
+   since the activations after s steps have their own distribution; used at evaluation time.
+4. Per-step BatchNorm weights and biases (BNWB): one affine pair per inner step, meta-learned and
+   not adapted in the inner loop (an update to the step-s pair would only be seen by step s).
+5. Learned per-layer per-step inner learning rates (LSLR): one learnable scalar per parameter tensor
+   and inner step, initialised to `inner_lr`.
+6. Cosine annealing of the meta learning rate (CA): `MAMLPlusPlus.meta_lr(i, total, base)`, which
+   the training loop writes into its optimiser each iteration.
+
+Counted in meta-updates (iterations), set by the training loop with `set_iteration(i)`; the paper
+counts epochs of 500 iterations. The per-step tables have one slot per state of the inner loop:
+slot s serves every forward of the parameters after s updates (s = 0..S), so the query after the
+last step has its own. Evaluation with more steps than S reuses the last slot and the last rate.
+
+Where the reference code differs: its BatchNorm always uses batch statistics (`training=True`), so
+the per-step running statistics are collected but never read; `eval_running_stats=False` does that.
+
+References: Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019 (section 4), and
+github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch (loss weights: `get_per_step_loss_importance_vector`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamlbench.algorithms.core import LR, Params, forward, inner_grads, sgd_step
+from mamlbench.algorithms.metasgd import param_key
+from mamlbench.algorithms.stepwise import StepwiseMAML
+from mamlbench.schema import knob
+
+
+@dataclass(frozen=True)
+class MAMLPPParams:
+    """The `mamlpp` section: the six MAML++ changes, each on by default (the paper's setting)."""
+    multi_step_loss: bool = knob(True, "MSL: meta-loss over the query losses after every inner step.")
+    multi_step_loss_iterations: int = knob(5000, "MSL anneals its weights towards the last step over this many "
+                                                 "meta-updates, then stops (reference: 10 epochs x 500).", ge=1)
+    derivative_order_annealing: bool = knob(True, "DA: first-order meta-gradients for the first iterations.")
+    first_order_iterations: int = knob(25000, "DA: meta-updates done in first order (paper: 50 epochs x 500).", ge=0)
+    per_step_bn_stats: bool = knob(True, "BNRS: BatchNorm running statistics per inner step (forces the loop strategy).")
+    eval_running_stats: bool = knob(True, "BNRS: normalise with the per-step running statistics in eval mode "
+                                          "(the paper); false: batch statistics (the reference code).")
+    per_step_bn_weights: bool = knob(True, "BNWB: BatchNorm weights and biases per inner step.")
+    lslr: bool = knob(True, "LSLR: learned inner learning rate per parameter tensor and inner step.")
+    cosine_annealing: bool = knob(True, "CA: cosine annealing of the meta learning rate.")
+    min_meta_lr: float = knob(1e-5, "CA: meta learning rate at the last iteration.", ge=0)
+
+
+def multi_step_loss_weights(n_steps: int, iteration: int, msl_iterations: int) -> list[float]:
+    """Importance of the query loss after each of the n inner steps; they sum to 1.
+
+    Uniform at iteration 0; every non-final weight decays linearly to 0.03/n over `msl_iterations`
+    while the final one takes up the rest. From `msl_iterations` on: the last step only.
+    """
+    if iteration >= msl_iterations:
+        return [0.0] * (n_steps - 1) + [1.0]
+    decay = iteration / (n_steps * msl_iterations)
+    floor = 0.03 / n_steps
+    early = [max(1.0 / n_steps - decay, floor) for _ in range(n_steps - 1)]
+    last = min(1.0 / n_steps + decay * (n_steps - 1), 1.0 - floor * (n_steps - 1))
+    return early + [last]
+
+
+def cosine_annealing_lr(iteration: int, total_iterations: int, base_lr: float, min_lr: float) -> float:
+    """min_lr + (base_lr - min_lr) (1 + cos(pi i / T)) / 2: base_lr at i = 0, min_lr at i >= T."""
+    t = min(max(iteration, 0), total_iterations) / max(total_iterations, 1)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+class PerStepBatchNorm(nn.Module):
+    """BatchNorm with per-step weights/biases and/or running statistics, indexed by `self.step`.
+
+    Normalises with the batch's statistics (plain tensor ops, exact under vmap in second order),
+    except in eval mode with running statistics. Running statistics are written only while
+    `track` is set (MAML++'s meta-training forward), never by evaluation episodes.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, n_slots: int, per_step_weights: bool,
+                 per_step_stats: bool, eval_running_stats: bool = True):
+        super().__init__()
+        c = norm.num_features
+        self.eps, self.momentum = norm.eps, 0.1 if norm.momentum is None else norm.momentum
+        self.n_slots, self.per_step_weights, self.eval_running_stats = n_slots, per_step_weights, eval_running_stats
+        self.step, self.track = 0, False
+        weight = norm.weight.detach() if norm.affine else torch.ones(c)
+        bias = norm.bias.detach() if norm.affine else torch.zeros(c)
+        if per_step_weights:
+            self.weight = nn.Parameter(weight.expand(n_slots, c).clone())  # (slots, C)
+            self.bias = nn.Parameter(bias.expand(n_slots, c).clone())
+        else:
+            self.weight, self.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+        if per_step_stats:
+            self.register_buffer("running_mean", torch.zeros(n_slots, c, dtype=weight.dtype))
+            self.register_buffer("running_var", torch.ones(n_slots, c, dtype=weight.dtype))
+        else:
+            self.running_mean = self.running_var = None
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, ...) -> same
+        s = min(self.step, self.n_slots - 1)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.running_mean is not None and not self.training and self.eval_running_stats:
+            mean, var = self.running_mean[s].view(shape), self.running_var[s].view(shape)
+        else:
+            mean = x.mean(dims, keepdim=True)
+            var = x.var(dims, unbiased=False, keepdim=True)
+            if self.track and self.running_mean is not None:
+                with torch.no_grad():
+                    n = x.numel() // x.shape[1]
+                    self.running_mean[s].lerp_(mean.detach().flatten(), self.momentum)
+                    self.running_var[s].lerp_(var.detach().flatten() * n / max(n - 1, 1), self.momentum)
+        weight = self.weight[s] if self.per_step_weights else self.weight
+        bias = self.bias[s] if self.per_step_weights else self.bias
+        return (x - mean) * torch.rsqrt(var + self.eps) * weight.view(shape) + bias.view(shape)
+
+
+class MAMLPlusPlus(StepwiseMAML):
+    """MAML++ around `model`: MAML plus the switches of `MAMLPPParams` (see the module docstring).
+
+    Args:
+        model: any `nn.Module`; its BatchNorm layers are replaced in place by `PerStepBatchNorm`
+            when `per_step_bn_stats` or `per_step_bn_weights` is on.
+        inner_lr: initial LSLR rates, or the fixed step size without LSLR.
+        inner_steps: S, the inner steps in training; sizes the per-step tables (>= 1).
+        strategy, loss_fn: as `MAML`; per-step running statistics need "loop" ("auto" picks it).
+        first_order: first order throughout (DA then has nothing to anneal).
+        **MAMLPPParams fields.
+
+    References: Antoniou et al., ICLR 2019.
+
+    Example:
+        learner = MAMLPlusPlus(build_model("conv4_omniglot", n_way=5), inner_lr=0.1, inner_steps=5)
+        opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+        for i in range(iterations):
+            learner.set_iteration(i)
+            for group in opt.param_groups:
+                group["lr"] = learner.meta_lr(i, iterations, 1e-3)
+            out = learner(support_x, support_y, query_x, query_y)
+            opt.zero_grad(); out.loss.backward(); opt.step()
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 5, first_order: bool = False,
+                 strategy: str = "auto", loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, *,
+                 multi_step_loss: bool = True, multi_step_loss_iterations: int = 5000,
+                 derivative_order_annealing: bool = True, first_order_iterations: int = 25000,
+                 per_step_bn_stats: bool = True, eval_running_stats: bool = True, per_step_bn_weights: bool = True,
+                 lslr: bool = True, cosine_annealing: bool = True, min_meta_lr: float = 1e-5):
+        if inner_steps < 1:
+            raise ValueError(f"MAML++ needs inner_steps >= 1 (its tables are per step), got {inner_steps}")
+        super().__init__(model, inner_lr, inner_steps, first_order, strategy, loss_fn)
+        self.multi_step_loss, self.multi_step_loss_iterations = multi_step_loss, multi_step_loss_iterations
+        self.derivative_order_annealing, self.first_order_iterations = derivative_order_annealing, first_order_iterations
+        self.cosine_annealing, self.min_meta_lr = cosine_annealing, min_meta_lr
+        self.iteration = 0
+
+        self.norms: list[PerStepBatchNorm] = []
+        fixed: set[str] = set()
+        if per_step_bn_stats or per_step_bn_weights:
+            for name, module in list(model.named_modules()):
+                for child_name, child in list(module.named_children()):
+                    if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                        norm = PerStepBatchNorm(child, inner_steps + 1, per_step_weights=per_step_bn_weights,
+                                                per_step_stats=per_step_bn_stats, eval_running_stats=eval_running_stats)
+                        setattr(module, child_name, norm)
+                        self.norms.append(norm)
+                        if per_step_bn_weights:
+                            full = f"{name}.{child_name}" if name else child_name
+                            fixed |= {f"{full}.weight", f"{full}.bias"}
+        self.fixed = fixed
+        if per_step_bn_stats and self.norms and strategy == "vmap":
+            raise ValueError("per_step_bn_stats needs strategy loop or auto: running statistics cannot be "
+                             "written from inside vmap")
+        self.fast_names = [k for k, p in model.named_parameters() if p.requires_grad and k not in fixed]
+        # One learnable rate per parameter tensor and inner step, shape (S,).
+        self.lslr = nn.ParameterDict({param_key(k): nn.Parameter(torch.full((inner_steps,), float(inner_lr)))
+                                      for k in self.fast_names}) if lslr else None
+
+    # ---- what the training loop calls --------------------------------------------------------
+    def set_iteration(self, iteration: int) -> None:
+        """The current meta-update index: drives MSL's weights and DA's order."""
+        self.iteration = iteration
+
+    def meta_lr(self, iteration: int, total_iterations: int, base_lr: float) -> float:
+        """Meta learning rate for `iteration`: cosine-annealed to `min_meta_lr`, or `base_lr` when CA is off."""
+        if not self.cosine_annealing:
+            return base_lr
+        return cosine_annealing_lr(iteration, total_iterations, base_lr, self.min_meta_lr)
+
+    def step_weights(self) -> list[float] | None:
+        """MSL weights of the query loss after each step now; None: the last step only."""
+        if not self.multi_step_loss or self.iteration >= self.multi_step_loss_iterations:
+            return None
+        return multi_step_loss_weights(self.inner_steps, self.iteration, self.multi_step_loss_iterations)
+
+    @property
+    def first_order(self) -> bool:
+        annealing = self.derivative_order_annealing and self.iteration < self.first_order_iterations
+        return self._first_order or annealing
+
+    @first_order.setter
+    def first_order(self, value: bool) -> None:
+        self._first_order = value
+
+    # ---- the variant's hooks -----------------------------------------------------------------
+    def inner_lr_at(self, step: int) -> LR:
+        if self.lslr is None:
+            return self.inner_lr
+        s = min(step, self.inner_steps - 1)
+        return {k: self.lslr[param_key(k)][s] for k in self.fast_names}
+
+    def _set_step(self, step: int) -> None:
+        for norm in self.norms:
+            norm.step = step
+
+    def steps(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, n_steps: int, *,
+              batched: bool, first_order: bool, inner_lr: LR | None = None) -> Iterator[Params]:
+        """theta_0..theta_n; BatchNorm is on slot s while theta_s is in use (and yielded)."""
+        fixed = {k: v for k, v in params.items() if k in self.fixed}
+        fast = {k: v for k, v in params.items() if k not in self.fixed}
+
+        def support_loss(p: Params) -> Tensor:
+            return self.loss_fn(forward(self.model, {**fixed, **p}, buffers, support_x), support_y)
+
+        self._set_step(0)
+        yield params
+        for s in range(n_steps):
+            self._set_step(s)
+            grads, _ = inner_grads(support_loss, fast, first_order=first_order, batched=batched)
+            fast = sgd_step(fast, grads, self.inner_lr_at(s) if inner_lr is None else inner_lr)
+            self._set_step(s + 1)
+            yield {**fixed, **fast}
+
+    def task_loss(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
+                  query_x: Tensor, query_y: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
+        """MSL: sum_s w_s L_query(theta_s) over s = 1..S, or L_query(theta_S) alone."""
+        weights = self.step_weights()
+        losses = []
+        for s, p in enumerate(self.steps(params, buffers, support_x, support_y, self.inner_steps,
+                                         batched=batched, first_order=self.first_order)):
+            if s > 0 and (weights is not None or s == self.inner_steps):
+                out = forward(self.model, p, buffers, query_x)
+                losses.append(self.loss_fn(out, query_y))
+        loss = losses[-1] if weights is None else sum(w * l for w, l in zip(weights, losses))
+        return loss, out
+
+    def resolve_strategy(self, device: torch.device) -> str:
+        if any(n.running_mean is not None for n in self.norms):
+            return "loop"  # running statistics are written in place, which vmap cannot do
+        return super().resolve_strategy(device)
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor):
+        """As `MAML.forward`; in training mode it also updates the per-step running statistics."""
+        track = self.training and torch.is_grad_enabled()
+        for norm in self.norms:
+            norm.track = track
+        try:
+            return super().forward(support_x, support_y, query_x, query_y)
+        finally:
+            for norm in self.norms:
+                norm.track = False

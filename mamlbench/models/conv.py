@@ -1,0 +1,152 @@
+"""The few-shot classifiers of the MAML paper: conv4 for Omniglot and mini-ImageNet, and the "no conv" MLP.
+
+Every model is `head(features(x))`: `features` maps images to a flat embedding, `head` is one
+`nn.Linear` to the `n_way` logits. ANIL relies on that split to embed a task's support set once.
+
+Choices, checked against the original TensorFlow code (cbfinn/maml, `maml.py`):
+- Omniglot conv4: 4 x [3x3 conv, 64 filters, stride 2, BatchNorm, ReLU], then the *mean* over the
+  remaining 2x2 positions (the original's `tf.reduce_mean(hidden4, [1, 2])`), then a linear head.
+- mini-ImageNet conv4: 4 x [3x3 conv (padding 1), 32 filters, BatchNorm, ReLU, 2x2 max-pool], then
+  the 5x5x32 = 800 features flattened, then a linear head.
+- "MAML, no conv" (Omniglot): 784 -> 256 -> 128 -> 64 -> 64 -> n_way, each hidden layer
+  Linear -> BatchNorm -> ReLU as in the original `forward_fc`.
+- No bias on a convolution or linear layer that feeds a BatchNorm: the normalisation subtracts
+  it again, so it is redundant and its gradient is exactly zero under batch statistics.
+- BatchNorm keeps no running statistics (`track_running_stats=False`): the core normalises every
+  forward with the statistics of the batch it sees, as the original did (`is_training` always on),
+  so buffers would only be written and never read. MAML++ swaps in its own per-step layers.
+- BatchNorm is affine (scale and shift); the original's `tf.contrib.layers.batch_norm` learned the
+  shift only (TF's default `scale=False`). The scale is what MAML++'s per-step weights refine.
+
+References: Finn, Abbeel & Levine, ICML 2017 (section 5.2 and the released code); Vinyals et al.,
+"Matching Networks for One Shot Learning", NeurIPS 2016 (the conv4 embedding).
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 conv (no bias) -> BatchNorm -> ReLU, downsampled by stride 2 or by a 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: Literal["stride", "maxpool"]):
+        stride = 2 if downsample == "stride" else 1
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels, track_running_stats=False),
+            nn.ReLU(),
+        ]
+        if downsample == "maxpool":
+            layers.append(nn.MaxPool2d(2))
+        super().__init__(*layers)
+
+
+def _downsampled(size: int, downsample: str, times: int = 4) -> int:
+    for _ in range(times):
+        size = (size + 1) // 2 if downsample == "stride" else size // 2  # ceil for stride 2 / pad 1
+    return size
+
+
+class Conv4(nn.Module):
+    """Four conv blocks and a linear head: the conv4 of MAML and Matching Networks.
+
+    Args:
+        in_channels: image channels (1 for Omniglot, 3 for mini-ImageNet).
+        n_way: classes per task: the head's outputs.
+        hidden: filters per conv layer (64 for Omniglot, 32 for mini-ImageNet in the paper).
+        downsample: "stride" (Omniglot, as the original code) or "maxpool" (mini-ImageNet).
+        pool: "mean" averages the last feature map over positions (Omniglot, as the original);
+            "flatten" keeps every position (mini-ImageNet: 5x5xhidden features).
+        image_size: side of the square input; only needed for "flatten".
+        channels_last: run the convolutions in NHWC memory format (the input is converted).
+
+    Example:
+        model = Conv4(1, n_way=5)             # Omniglot: x of shape (N, 1, 28, 28)
+        logits = model(torch.randn(25, 1, 28, 28))   # (25, 5)
+    """
+
+    def __init__(self, in_channels: int, n_way: int, hidden: int = 64,
+                 downsample: Literal["stride", "maxpool"] = "stride",
+                 pool: Literal["mean", "flatten"] = "mean", image_size: int = 28,
+                 channels_last: bool = False):
+        super().__init__()
+        if downsample not in ("stride", "maxpool") or pool not in ("mean", "flatten"):
+            raise ValueError(f"downsample must be stride|maxpool and pool mean|flatten, got {downsample!r}, {pool!r}")
+        blocks = [ConvBlock(in_channels if i == 0 else hidden, hidden, downsample) for i in range(4)]
+        if pool == "mean":
+            reduce: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            n_features = hidden
+        else:
+            side = _downsampled(image_size, downsample)
+            if side < 1:
+                raise ValueError(f"image_size {image_size} is too small for four downsamplings")
+            reduce, n_features = [nn.Flatten()], hidden * side * side
+        self.channels_last = channels_last
+        self.features = nn.Sequential(*blocks, *reduce)
+        self.head = nn.Linear(n_features, n_way)
+        if channels_last:
+            self.features.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, n_way)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.features(x))
+
+
+class FCNet(nn.Module):
+    """The paper's "MAML, no conv" classifier: Linear -> BatchNorm -> ReLU per hidden layer.
+
+    Args:
+        in_features: flattened input size (784 for 28x28 Omniglot); images are flattened here.
+        n_way: classes per task.
+        hidden: hidden widths (the paper: 256, 128, 64, 64).
+
+    Example:
+        model = FCNet(784, n_way=5)
+        logits = model(torch.randn(25, 1, 28, 28))   # (25, 5)
+    """
+
+    def __init__(self, in_features: int, n_way: int, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64)):
+        super().__init__()
+        sizes = [in_features, *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(sizes[-1], n_way)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, ...) -> (N, n_way)
+        return self.head(self.features(x))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "conv4_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False: Conv4(
+        in_channels, n_way, hidden, "stride", "mean", image_size, channels_last),
+    "conv4_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False: Conv4(
+        in_channels, n_way, hidden, "maxpool", "flatten", image_size, channels_last),
+    "mlp_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=(256, 128, 64, 64), channels_last=False: FCNet(
+        in_channels * image_size * image_size, n_way, hidden),
+}
+
+
+def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_size: int | None = None,
+                hidden=None, channels_last: bool = False) -> nn.Module:
+    """A classifier from `MODELS` by name; unset arguments take the paper's values for that model.
+
+    Args:
+        name: conv4_omniglot | conv4_miniimagenet | mlp_omniglot.
+        n_way: classes per task.
+        in_channels, image_size: input shape (defaults: 1x28x28 Omniglot, 3x84x84 mini-ImageNet).
+        hidden: filters (conv4) or hidden widths (mlp).
+        channels_last: NHWC convolutions (conv4 only; ignored by the MLP).
+
+    Example:
+        model = build_model("conv4_omniglot", n_way=20)
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+    kwargs = dict(in_channels=in_channels, image_size=image_size, hidden=hidden, channels_last=channels_last)
+    return MODELS[name](n_way, **{k: v for k, v in kwargs.items() if v is not None})

@@ -1,0 +1,53 @@
+"""Tracked runs: what `mamlbench train/evaluate` and the DVC stages execute.
+
+Each function reads `params.yaml`, opens the MLflow run (reopening it when a checkpoint resumes),
+and calls the benchmark's own train or evaluate function.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mamlbench import sinusoid
+from mamlbench.config import load_params
+from mamlbench.schema import to_dict
+from mamlbench.tracking import start_run
+from mamlbench.train import resolve_device
+
+
+def train_sinusoid(params_path: str | Path, kind: str, run_dir: str | Path, progress: bool = True) -> dict:
+    params = load_params(params_path)
+    if kind not in sinusoid.MODELS:
+        raise ValueError(f"--model {kind!r}: must be one of {', '.join(sinusoid.MODELS)}")
+    section = params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain
+    checkpoints = sinusoid.checkpointer(params, kind, run_dir)
+    checkpoints.discard_foreign()
+    state = checkpoints.latest()
+    run_id = state["extra"].get("mlflow_run_id") if state else None
+    logged = {"seed": params.seed, "profile": params.profile, "hidden": params.sinusoid.hidden, kind: to_dict(section)}
+    tags = {"stage": "sinusoid-train", "variant": kind, "device": str(resolve_device(section.device))}
+    if state:
+        tags["resumed_from"] = state["iteration"]
+    with start_run(params, "sinusoid", f"{kind}-seed{params.seed}", run_id=run_id, tags=tags, log_params=logged) as tracker:
+        result = sinusoid.train(params, kind, run_dir, resume_state=state, log=tracker.log_metrics,
+                                extra={"mlflow_run_id": tracker.run_id}, progress=progress)
+        for name in ("model.pt", "curve.csv", "train.json"):
+            tracker.log_artifact(Path(run_dir) / name)
+    return {"iterations": result.iterations, "resumed_from": result.resumed_from}
+
+
+def evaluate_sinusoid(params_path: str | Path, runs: dict[str, str | Path], out_dir: str | Path) -> dict:
+    params = load_params(params_path)
+    paths = {name: Path(folder) / "model.pt" for name, folder in runs.items()}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ValueError(f"{path}: no trained {name} model; run `mamlbench train sinusoid --model {name}` first")
+    logged = {"seed": params.seed, "profile": params.profile, "evaluate": to_dict(params.sinusoid.evaluate)}
+    with start_run(params, "sinusoid", f"evaluate-seed{params.seed}", tags={"stage": "sinusoid-evaluate"},
+                   log_params=logged) as tracker:
+        metrics = sinusoid.evaluate(params, paths, out_dir)
+        flat = {f"{model}/{k}/{step}/mse": v["mse"] for model, ks in metrics.items()
+                for k, steps in ks.items() for step, v in steps.items()}
+        tracker.log_metrics(flat)
+        for name in ("metrics.json", "per_task.csv", "fits.png"):
+            tracker.log_artifact(Path(out_dir) / name)
+    return metrics

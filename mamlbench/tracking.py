@@ -1,0 +1,116 @@
+"""MLflow tracking for every training and evaluation run.
+
+The store is an embedded SQLite file (`mlflow.db` in the project root) unless `tracking.uri` in
+params or the `MLFLOW_TRACKING_URI` environment variable (which wins) names another, e.g. a
+tracking server. One experiment per benchmark (`<prefix>-<benchmark>`); params logged flat;
+tags name the git commit, device, seed and DVC stage. A run that raises ends FAILED with the
+reason in the `failure_reason` tag; a resumed training run reopens its own MLflow run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from mamlbench.config import Params
+from mamlbench.schema import flatten
+
+
+def tracking_uri(params: Params, root: str | Path = ".") -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if params.tracking.uri:
+        return params.tracking.uri
+    return f"sqlite:///{(Path(root).resolve() / 'mlflow.db').as_posix()}"
+
+
+def git_commit(root: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """A thin handle on one active MLflow run (or nothing, when tracking is disabled)."""
+
+    def __init__(self, client=None, run_id: str | None = None):
+        self.client, self.run_id = client, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.client is None:
+            return
+        import mlflow
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.client is not None and Path(path).exists():
+            import mlflow
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.client is not None:
+            import mlflow
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def _experiment_id(mlflow, name: str, uri: str, root: Path) -> str:
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):  # keep artifacts beside the embedded store, not in the cwd
+        location = (root.resolve() / "mlartifacts" / name).as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | None = None,
+              tags: dict[str, Any] | None = None, log_params: dict[str, Any] | None = None,
+              root: str | Path = ".") -> Iterator[Tracker]:
+    """Open (or reopen, given `run_id`) an MLflow run; end it FINISHED, FAILED or KILLED."""
+    if not params.tracking.enabled:
+        yield Tracker()
+        return
+    import logging
+
+    import mlflow
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    root = Path(root)
+    uri = tracking_uri(params, root)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment_id(mlflow, f"{params.tracking.experiment_prefix}-{benchmark}", uri, root)
+    if run_id is not None:
+        try:
+            mlflow.tracking.MlflowClient().get_run(run_id)
+        except Exception:  # the checkpoint names a run of another store: start a new one
+            run_id = None
+    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                              run_name=None if run_id else run_name)
+    tracker = Tracker(mlflow.tracking.MlflowClient(), active.info.run_id)
+    try:
+        if run_id is None:
+            flat = flatten(log_params if log_params is not None else params)
+            items = [(k, str(v)[:6000]) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
+        base = {"git_commit": git_commit(root), "seed": params.seed, "profile": params.profile,
+                "benchmark": benchmark}
+        if os.environ.get("DVC_STAGE"):
+            base["dvc_stage"] = os.environ["DVC_STAGE"]
+        tracker.set_tags({**base, **(tags or {})})
+        yield tracker
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")

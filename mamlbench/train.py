@@ -1,0 +1,149 @@
+"""The meta-training loop shared by every benchmark: steps, logging, checkpoints, resume.
+
+A benchmark supplies `step(iteration) -> metrics`, which draws its own batch from
+(seed, iteration) and updates the learner; this loop owns everything around it. Checkpoints hold
+the learner, the optimiser, the iteration and the metrics history, written atomically; `resume`
+continues from the newest checkpoint that loads, so a run killed anywhere and restarted ends with
+exactly the parameters of an uninterrupted run on the CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mamlbench.io import load_torch, save_torch
+
+CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the iteration and the setting."""
+
+
+def fingerprint(config: Any) -> str:
+    """Hash of what determines a run's trajectory: a checkpoint only resumes a run with the same one."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device = {name!r}: CUDA is not available on this machine")
+    return device
+
+
+class Checkpointer:
+    """Numbered checkpoints in `folder`; keeps the newest `keep`, falls back past unreadable ones."""
+
+    def __init__(self, folder: str | Path, run_fingerprint: str, keep: int = 2):
+        self.folder, self.run_fingerprint, self.keep = Path(folder), run_fingerprint, keep
+
+    def paths(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if CKPT.match(p.name))
+
+    def latest(self) -> dict | None:
+        """The newest checkpoint of this run that loads and is complete; None if there is none."""
+        for path in reversed(self.paths()):
+            try:
+                state = load_torch(path)
+            except Exception as err:  # truncated or corrupted file: fall back to the previous one
+                print(f"warning: skipping unreadable checkpoint {path}: {type(err).__name__}: {err}")
+                continue
+            if not isinstance(state, dict) or state.get("fingerprint") != self.run_fingerprint:
+                continue
+            return state
+        return None
+
+    def discard_foreign(self) -> None:
+        """Remove checkpoints of another configuration, so they can never be resumed by mistake."""
+        for path in self.paths():
+            try:
+                same = load_torch(path).get("fingerprint") == self.run_fingerprint
+            except Exception:
+                same = False
+            if not same:
+                path.unlink()
+
+    def save(self, state: dict) -> Path:
+        path = self.folder / f"ckpt-{state['iteration']:08d}.pt"
+        save_torch(path, {**state, "fingerprint": self.run_fingerprint})
+        for old in self.paths()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+@dataclass
+class LoopConfig:
+    iterations: int
+    checkpoint_every: int
+    log_every: int
+    describe: str = "meta-train"          # progress bar label
+    setting: str = ""                     # named in a divergence message, e.g. "inner_lr=0.01, meta_lr=0.001"
+
+
+@dataclass
+class LoopResult:
+    iterations: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[int], dict[str, float]],
+             config: LoopConfig, checkpointer: Checkpointer, *, resume_state: dict | None = None,
+             log: Callable[[dict[str, float], int], None] | None = None, extra: dict | None = None,
+             progress: bool = True) -> LoopResult:
+    """Run iterations [start, config.iterations) of `step`, checkpointing and logging as configured.
+
+    `history` records the metrics of every `log_every`-th iteration (and the last); it travels in the
+    checkpoint so a resumed run's learning curve is whole.
+    """
+    history: dict[str, list[float]] = {}
+    start = 0
+    if resume_state is not None:
+        learner.load_state_dict(resume_state["learner"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        history = {k: list(v) for k, v in resume_state["history"].items()}
+        start = resume_state["iteration"]
+    extra = dict(extra or {})
+
+    def snapshot(iteration: int) -> None:
+        checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
+                           "optimizer": optimizer.state_dict(), "history": history, "extra": extra})
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(config.describe, total=config.iterations, completed=start, status="")
+        for iteration in range(start, config.iterations):
+            metrics = step(iteration)
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(
+                    f"{config.describe}: {bad[0]} = {metrics[bad[0]]} at iteration {iteration}"
+                    + (f" ({config.setting})" if config.setting else "")
+                    + "; the last good checkpoint is kept")
+            done = iteration + 1
+            if done % config.log_every == 0 or done == config.iterations:
+                history.setdefault("iteration", []).append(done)
+                for key, value in metrics.items():
+                    history.setdefault(key, []).append(float(value))
+                if log is not None:
+                    log(metrics, done)
+                bar.update(task, status=" ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2]))
+            if done % config.checkpoint_every == 0 or done == config.iterations:
+                snapshot(done)
+            bar.update(task, completed=done)
+    return LoopResult(config.iterations, history, start)
