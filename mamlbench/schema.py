@@ -127,9 +127,9 @@ def build(cls, mapping: Any, where: str = ""):
     values = {}
     for name, value in mapping.items():
         key = f"{where}.{name}" if where else name
-        value = _coerce(hints[name], value, key)
-        _check_range(dict(fields[name].metadata), value, key)
-        values[name] = value
+        coerced = _coerce(hints[name], value, key)
+        _check_range(dict(fields[name].metadata), value, key)  # the value as written, for the message
+        values[name] = coerced
     obj = cls(**values)
     check = getattr(obj, "validate", None)
     if check is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +36,11 @@ def git_commit(root: str | Path = ".") -> str:
 
 
 class Tracker:
-    """A thin handle on one active MLflow run (or nothing, when tracking is disabled)."""
+    """A thin handle on one active MLflow run (or nothing, when tracking is disabled).
+
+    Uses an explicit `MlflowClient`, never the fluent API's process-global state, so two runs in one
+    process can write to two stores.
+    """
 
     def __init__(self, client=None, run_id: str | None = None):
         self.client, self.run_id = client, run_id
@@ -43,28 +48,39 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.client is None:
             return
-        import mlflow
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.client is not None and Path(path).exists():
-            import mlflow
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.client is not None:
-            import mlflow
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        if self.client is None:
+            return
+        from mlflow.entities import RunTag
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def _experiment_id(mlflow, name: str, uri: str, root: Path) -> str:
-    found = mlflow.get_experiment_by_name(name)
+def _experiment_id(client, name: str, uri: str, root: Path) -> str:
+    found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:"):  # keep artifacts beside the embedded store, not in the cwd
         location = (root.resolve() / "mlartifacts" / name).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location)
 
 
 @contextlib.contextmanager
@@ -77,40 +93,40 @@ def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | No
         return
     import logging
 
-    import mlflow
+    from mlflow.tracking import MlflowClient
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     root = Path(root)
     uri = tracking_uri(params, root)
-    mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(mlflow, f"{params.tracking.experiment_prefix}-{benchmark}", uri, root)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, f"{params.tracking.experiment_prefix}-{benchmark}", uri, root)
     if run_id is not None:
         try:
-            mlflow.tracking.MlflowClient().get_run(run_id)
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
         except Exception:  # the checkpoint names a run of another store: start a new one
             run_id = None
-    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                              run_name=None if run_id else run_name)
-    tracker = Tracker(mlflow.tracking.MlflowClient(), active.info.run_id)
+    fresh = run_id is None
+    if fresh:
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    tracker = Tracker(client, run_id)
     try:
-        if run_id is None:
-            flat = flatten(log_params if log_params is not None else params)
-            items = [(k, str(v)[:6000]) for k, v in flat.items()]
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i:i + 100]))
+        if fresh:
+            tracker.log_params(flatten(log_params if log_params is not None else params))
         base = {"git_commit": git_commit(root), "seed": params.seed, "profile": params.profile,
                 "benchmark": benchmark}
-        if os.environ.get("DVC_STAGE"):
-            base["dvc_stage"] = os.environ["DVC_STAGE"]
+        for var, tag in (("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_experiment")):
+            if os.environ.get(var):
+                base[tag] = os.environ[var]
         tracker.set_tags({**base, **(tags or {})})
         yield tracker
     except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
+        client.set_terminated(run_id, status="KILLED")
         raise
     except BaseException as err:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
-        mlflow.end_run(status="FAILED")
+            tracker.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
+        client.set_terminated(run_id, status="FAILED")
         raise
     else:
-        mlflow.end_run(status="FINISHED")
+        client.set_terminated(run_id, status="FINISHED")

@@ -49,7 +49,8 @@ class MAMLPPParams:
                                                  "meta-updates, then stops (reference: 10 epochs x 500).", ge=1)
     derivative_order_annealing: bool = knob(True, "DA: first-order meta-gradients for the first iterations.")
     first_order_iterations: int = knob(25000, "DA: meta-updates done in first order (paper: 50 epochs x 500).", ge=0)
-    per_step_bn_stats: bool = knob(True, "BNRS: BatchNorm running statistics per inner step (forces the loop strategy).")
+    per_step_bn_stats: bool = knob(True, "BNRS: BatchNorm running statistics per inner step "
+                                         "(forces the loop strategy).")
     eval_running_stats: bool = knob(True, "BNRS: normalise with the per-step running statistics in eval mode "
                                           "(the paper); false: batch statistics (the reference code).")
     per_step_bn_weights: bool = knob(True, "BNWB: BatchNorm weights and biases per inner step.")
@@ -105,7 +106,8 @@ class PerStepBatchNorm(nn.Module):
             self.register_buffer("running_mean", torch.zeros(n_slots, c, dtype=weight.dtype))
             self.register_buffer("running_var", torch.ones(n_slots, c, dtype=weight.dtype))
         else:
-            self.running_mean = self.running_var = None
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C, ...) -> same
         s = min(self.step, self.n_slots - 1)
@@ -161,7 +163,8 @@ class MAMLPlusPlus(StepwiseMAML):
             raise ValueError(f"MAML++ needs inner_steps >= 1 (its tables are per step), got {inner_steps}")
         super().__init__(model, inner_lr, inner_steps, first_order, strategy, loss_fn)
         self.multi_step_loss, self.multi_step_loss_iterations = multi_step_loss, multi_step_loss_iterations
-        self.derivative_order_annealing, self.first_order_iterations = derivative_order_annealing, first_order_iterations
+        self.derivative_order_annealing = derivative_order_annealing
+        self.first_order_iterations = first_order_iterations
         self.cosine_annealing, self.min_meta_lr = cosine_annealing, min_meta_lr
         self.iteration = 0
 
@@ -182,10 +185,12 @@ class MAMLPlusPlus(StepwiseMAML):
         if per_step_bn_stats and self.norms and strategy == "vmap":
             raise ValueError("per_step_bn_stats needs strategy loop or auto: running statistics cannot be "
                              "written from inside vmap")
-        self.fast_names = [k for k, p in model.named_parameters() if p.requires_grad and k not in fixed]
+        fast = {k: p for k, p in model.named_parameters() if p.requires_grad and k not in fixed}
+        self.fast_names = list(fast)
         # One learnable rate per parameter tensor and inner step, shape (S,).
-        self.lslr = nn.ParameterDict({param_key(k): nn.Parameter(torch.full((inner_steps,), float(inner_lr)))
-                                      for k in self.fast_names}) if lslr else None
+        self.lslr = nn.ParameterDict({
+            param_key(k): nn.Parameter(torch.full((inner_steps,), float(inner_lr), dtype=p.dtype, device=p.device))
+            for k, p in fast.items()}) if lslr else None
 
     # ---- what the training loop calls --------------------------------------------------------
     def set_iteration(self, iteration: int) -> None:

@@ -12,8 +12,6 @@ from typing import Literal
 from mamlbench.data.splits import OMNIGLOT_VINYALS_SIZES, RAVI_PER_CLASS, RAVI_SIZES, SPLITS
 from mamlbench.schema import ConfigError, knob, section
 
-Dataset = Literal["omniglot", "mini-imagenet"]
-
 # Characters per official archive (Lake et al.); `prepare` checks what it decodes against these.
 OMNIGLOT_ARCHIVES = {"images_background": 964, "images_evaluation": 659,
                      "images_background_small1": 136, "images_background_small2": 156}

@@ -18,8 +18,6 @@ WordNet ids below are checked against the original split CSVs by `tests/test_dat
 """
 from __future__ import annotations
 
-import torch
-
 from mamlbench.data.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -45,6 +43,8 @@ def maml_split(n_characters: int, n_train: int, n_val: int, seed: int) -> list[s
     """Split names for characters 0..n-1 (sorted by name): shuffled, then train | val | test."""
     if n_train + n_val >= n_characters:
         raise DataError(f"MAML split [{n_train}, {n_val}] leaves no test characters out of {n_characters}")
+    import torch  # here, so that loading params does not import torch
+
     order = torch.randperm(n_characters, generator=torch.Generator().manual_seed(seed)).tolist()
     names = [""] * n_characters
     for rank, i in enumerate(order):

@@ -1,6 +1,77 @@
-"""`mamlbench rl ...` commands."""
+"""`mamlbench rl ...`: meta-RL with MAML-TRPO (issue 5).
+
+    mamlbench rl train navigation        # MAML-TRPO + pretrained baseline, resumes from checkpoints
+    mamlbench rl evaluate navigation     # return after 0..3 inner steps, plots
+    mamlbench rl envs                    # the task distributions
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="rl commands.", no_args_is_help=True)
+app = typer.Typer(help="Meta-reinforcement learning: MAML-TRPO on 2D navigation, HalfCheetah and Ant.",
+                  no_args_is_help=True)
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (validated before any work).")
+
+
+def _check_env(env: str) -> None:
+    from mamlbench.rl.envs import ENVS, UnknownEnvError
+    if env not in ENVS:
+        raise UnknownEnvError(f"unknown environment {env!r} (known: {', '.join(ENVS)})")
+
+
+@app.command()
+def envs() -> None:
+    """List the task distributions."""
+    from mamlbench.rl.envs import ENVS
+    for name in ENVS:
+        typer.echo(name)
+
+
+@app.command()
+def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, halfcheetah_vel, ant_dir or ant_vel."),
+          params: Path = ParamsOpt,
+          out: Path = typer.Option(None, help="Run folder; maml/ and pretrained/ go inside [runs/rl/<env>]."),
+          metrics: Path = typer.Option(None, help="Final training metrics JSON [metrics/rl_<env>_train.json]."),
+          progress: bool = typer.Option(True, help="Show a progress bar."),
+          ) -> None:
+    """Meta-train MAML-TRPO and the pretrained baseline, resuming from checkpoints."""
+    from mamlbench.rl.pipeline import train_env
+    _check_env(env)
+    out = out or Path("runs/rl") / env
+    metrics = metrics or Path("metrics") / f"rl_{env}_train.json"
+    if not progress:
+        summary = train_env(params, env, out, metrics)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+            ids: dict[str, int] = {}
+
+            def update(label: str, done: int, total: int) -> None:
+                if label not in ids:
+                    ids[label] = bar.add_task(label, total=total, completed=done - 1)
+                bar.update(ids[label], completed=done)
+            summary = train_env(params, env, out, metrics, progress=update)
+    for model, m in summary.items():
+        typer.echo(f"{env} {model}: post-update return {m.get('returns/post_update', float('nan')):.2f}")
+
+
+@app.command()
+def evaluate(env: str = typer.Argument(..., help="An environment trained with `mamlbench rl train`."),
+             params: Path = ParamsOpt,
+             runs: Path = typer.Option(None, help="Run folder holding maml/ and pretrained/ [runs/rl/<env>]."),
+             metrics: Path = typer.Option(None, help="Metrics JSON [metrics/rl_<env>_evaluate.json]."),
+             plots: Path = typer.Option(None, help="Plot folder [reports/rl/<env>]."),
+             ) -> None:
+    """Return after 0..K inner steps for meta-trained, pretrained and random policies (95% CIs)."""
+    from mamlbench.rl.pipeline import evaluate_env
+    _check_env(env)
+    runs = runs or Path("runs/rl") / env
+    summary = evaluate_env(params, env, runs, metrics or Path("metrics") / f"rl_{env}_evaluate.json",
+                           plots or Path("reports/rl") / env)
+    steps = list(next(iter(summary.values())))
+    typer.echo(f"{'policy':<12}" + "".join(f"{s:>18}" for s in steps))
+    for model, by_step in summary.items():
+        typer.echo(f"{model:<12}" + "".join(f"{v['mean']:>10.2f} ± {v['ci95']:<5.2f}" for v in by_step.values()))

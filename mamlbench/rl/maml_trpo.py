@@ -115,11 +115,20 @@ def surrogate(policy: nn.Module, params: Params, buffers: Params, train: list[Ep
 
 def meta_step(policy: nn.Module, sampler: Sampler, tasks: list, cfg: MetaConfig, seed: tuple) -> dict[str, float]:
     """One meta-iteration on `tasks`; updates `policy` in place; returns its metrics."""
-    # ROLLOUT (steps 1-3)
-    train, train_adv, valid, valid_adv = collect(policy, sampler, tasks, cfg, seed)
+    train, train_adv, valid, valid_adv = collect(policy, sampler, tasks, cfg, seed)   # steps 1-3
+    metrics = trpo_update(policy, train, train_adv, valid, valid_adv, cfg)            # step 4
+    metrics["returns/post_update"] = float(valid.returns.mean())
+    metrics["samples/steps"] = float(valid.steps + sum(e.steps for e in train))
+    if train:
+        metrics["returns/pre_update"] = float(train[0].returns.mean())
+    return metrics
+
+
+def trpo_update(policy: nn.Module, train: list[Episodes], train_adv: list[Tensor], valid: Episodes,
+                valid_adv: Tensor, cfg: MetaConfig) -> dict[str, float]:
+    """Step 4: one TRPO step on the initial parameters through the inner update; in place."""
     params, buffers = split_state(policy)
 
-    # TRPO ON THE POST-UPDATE SURROGATE (step 4)
     loss, kl, old = surrogate(policy, params, buffers, train, train_adv, valid, valid_adv, cfg, None, cfg.first_order)
     g = flat(torch.autograd.grad(loss, list(params.values()), retain_graph=True))
     Fv = fisher_vector_product(kl, params, cfg.cg_damping)
@@ -127,13 +136,13 @@ def meta_step(policy: nn.Module, sampler: Sampler, tasks: list, cfg: MetaConfig,
     shs = 0.5 * step_dir @ Fv(step_dir)
     full_step = step_dir * torch.sqrt(2 * cfg.max_kl / shs.clamp_min(1e-12))   # 0.5 s'Fs = max_kl
     old_flat = flat(p.detach() for p in params.values())
-    old_loss = float(loss)
+    old_loss = float(loss.detach())
 
     def trial(step: Tensor) -> tuple[float, float]:
         # The value of the re-adapted surrogate is all the line search needs: first order is enough.
         new = {k: v.detach().requires_grad_() for k, v in unflat(old_flat + step, params).items()}
         new_loss, new_kl, _ = surrogate(policy, new, buffers, train, train_adv, valid, valid_adv, cfg, old, True)
-        return float(new_loss) - old_loss, float(new_kl)
+        return float(new_loss.detach()) - old_loss, float(new_kl.detach())
 
     step, improvement, new_kl, backtracks = line_search(trial, full_step, cfg.max_kl, cfg.ls_max_steps,
                                                        cfg.ls_backtrack_ratio)
@@ -142,13 +151,9 @@ def meta_step(policy: nn.Module, sampler: Sampler, tasks: list, cfg: MetaConfig,
             for p, v in zip(params.values(), unflat(old_flat + step, params).values()):
                 p.copy_(v)
 
-    metrics = {"returns/post_update": float(valid.returns.mean()), "trpo/surrogate": old_loss,
-               "trpo/improvement": improvement, "trpo/kl": new_kl, "trpo/backtracks": float(backtracks),
-               "trpo/accepted": float(step is not None), "policy/std": float(policy.log_std.exp().mean()),
-               "samples/steps": float(valid.steps + sum(e.steps for e in train))}
-    if train:
-        metrics["returns/pre_update"] = float(train[0].returns.mean())
-    return metrics
+    return {"trpo/surrogate": old_loss, "trpo/improvement": improvement, "trpo/kl": new_kl,
+            "trpo/backtracks": float(backtracks), "trpo/accepted": float(step is not None),
+            "policy/std": float(policy.log_std.detach().exp().mean())}
 
 
 def make_policy(obs_dim: int, act_dim: int, hidden: list[int], seed: int) -> nn.Module:

@@ -38,13 +38,14 @@ def meta_config(p: RLEnvParams, inner_steps: int | None = None) -> MetaConfig:
 
 def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pretrain: bool = False,
           log: LogFn | None = None, progress: Callable[[int, int], None] | None = None,
-          iterations: int | None = None) -> nn.Module:
+          iterations: int | None = None, extra: dict | None = None) -> nn.Module:
     """MAML-TRPO (or, with `pretrain`, TRPO on all tasks without an inner update) on `env_name`.
 
     Writes `out_dir/checkpoint.pt` every `p.checkpoint_every` iterations and at the end, and
     `out_dir/policy.pt` + `out_dir/history.json` when done; resumes from the checkpoint if present.
     `log(iteration, metrics)` is called every `p.log_every` iterations (e.g. MLflow);
-    `progress(done, total)` after every iteration.
+    `progress(done, total)` after every iteration; `extra` (e.g. the MLflow run id) is kept in the
+    checkpoint, see `checkpoint_extra`.
     """
     out_dir = Path(out_dir)
     total = iterations or (p.pretrain_iterations if pretrain else p.iterations)
@@ -67,7 +68,8 @@ def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pret
             if log is not None and (it % p.log_every == 0 or it == total - 1):
                 log(it, metrics)
             if (it + 1) % p.checkpoint_every == 0 or it == total - 1:
-                save_torch(ckpt, {"policy": policy.state_dict(), "iteration": it + 1, "history": history})
+                save_torch(ckpt, {"policy": policy.state_dict(), "iteration": it + 1, "history": history,
+                                  "extra": dict(extra or {})})
             if progress is not None:
                 progress(it + 1, total)
     finally:
@@ -76,6 +78,12 @@ def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pret
                                       "obs_dim": sampler.obs_dim, "act_dim": sampler.act_dim})
     write_json(out_dir / "history.json", history)
     return policy
+
+
+def checkpoint_extra(out_dir: str | Path) -> dict:
+    """The `extra` dict of the run's checkpoint ({} when there is none yet)."""
+    ckpt = Path(out_dir) / "checkpoint.pt"
+    return load_torch(ckpt).get("extra", {}) if ckpt.exists() else {}
 
 
 def load_policy(path: str | Path) -> nn.Module:

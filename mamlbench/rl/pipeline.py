@@ -1,0 +1,98 @@
+"""What `mamlbench rl train/evaluate` (and so the DVC stages) do: params in, tracked runs and files out.
+
+Paths come from the caller (the DVC stage's command line), never from here.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mamlbench.config import Params, load_params
+from mamlbench.io import write_json, write_text
+from mamlbench.rl.params import RLEnvParams
+from mamlbench.tracking import start_run
+
+MODELS = ("maml", "pretrained")
+Progress = Callable[[str, int, int], None]   # (label, done, total)
+
+
+def _setup(params_path: str | Path, env: str) -> tuple[Params, RLEnvParams]:
+    params = load_params(params_path)
+    p = params.rl.env(env)
+    torch.set_num_threads(params.rl.threads)
+    return params, p
+
+
+def _logged(params: Params, env: str, p: RLEnvParams) -> dict:
+    return {"seed": params.seed, "profile": params.profile, "rl": {env: dataclasses.asdict(p)}}
+
+
+def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_path: str | Path,
+              progress: Progress | None = None) -> dict:
+    """Meta-train MAML-TRPO and the pretrained baseline on `env` into out_dir/{maml,pretrained}/.
+
+    Each is its own MLflow run (`<env>__<model>__seed<seed>`), reopened when resuming. Writes the
+    last iteration's metrics of both to `metrics_path`.
+    """
+    from mamlbench.rl.train import checkpoint_extra, train
+    params, p = _setup(params_path, env)
+    summary = {}
+    for model in MODELS:
+        run_dir = Path(out_dir) / model
+        run_id = checkpoint_extra(run_dir).get("mlflow_run_id")
+        with start_run(params, "rl", f"{env}__{model}__seed{params.seed}", run_id=run_id,
+                       tags={"env": env, "model": model}, log_params=_logged(params, env, p)) as tracker:
+            train(env, p, params.seed, run_dir, pretrain=model == "pretrained",
+                  log=lambda it, m: tracker.log_metrics(m, step=it),
+                  progress=None if progress is None else (lambda d, t, model=model: progress(f"{env} {model}", d, t)),
+                  extra={"mlflow_run_id": tracker.run_id})
+            tracker.log_artifact(run_dir / "history.json")
+        history = json.loads((run_dir / "history.json").read_text())
+        summary[model] = dict(history[-1]) if history else {}
+    write_json(metrics_path, summary)
+    return summary
+
+
+def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metrics_path: str | Path,
+                 plots_dir: str | Path) -> dict:
+    """Adaptation returns of meta-trained, pretrained and random policies on the fixed test tasks.
+
+    Writes the per-step means and 95% CIs to `metrics_path`, every per-task return to
+    runs_dir/evaluate.json, and to `plots_dir`: adaptation.csv (for `dvc plots`), adaptation.png
+    (the paper's fig. 5) and, for 2D navigation, trace.png.
+    """
+    from mamlbench.rl.evaluate import evaluate, plot_adaptation, plot_navigation_trace
+    from mamlbench.rl.maml_trpo import make_policy
+    from mamlbench.rl.train import load_policy
+    params, p = _setup(params_path, env)
+    policies = {m: load_policy(Path(runs_dir) / m / "policy.pt") for m in MODELS}
+    probe = policies["maml"]
+    policies["random"] = make_policy(probe.mu[0].in_features, probe.log_std.numel(), p.hidden, params.seed)
+    plots_dir = Path(plots_dir)
+    with start_run(params, "rl", f"{env}__evaluate__seed{params.seed}", tags={"env": env, "stage": "rl-evaluate"},
+                   log_params=_logged(params, env, p)) as tracker:
+        results, episodes = evaluate(env, policies, p)
+        summary = {m: {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in steps.items()}
+                   for m, steps in results["policies"].items()}
+        write_json(Path(runs_dir) / "evaluate.json", results)
+        write_json(metrics_path, summary)
+        rows = io.StringIO()
+        w = csv.writer(rows)
+        w.writerow(["policy", "step", "return", "ci95"])
+        for m, steps in summary.items():
+            for k, v in steps.items():
+                w.writerow([m, int(k.split("_")[1]), v["mean"], v["ci95"]])
+        write_text(plots_dir / "adaptation.csv", rows.getvalue())
+        plot_adaptation(results, plots_dir / "adaptation.png")
+        if env == "navigation":
+            plot_navigation_trace(results, episodes, plots_dir / "trace.png", n=p.evaluate.trace_episodes)
+        tracker.log_metrics({f"{m}/{k}": v["mean"] for m, steps in summary.items() for k, v in steps.items()})
+        for name in ("adaptation.png", "trace.png"):
+            tracker.log_artifact(plots_dir / name)
+    return summary
