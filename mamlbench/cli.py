@@ -22,8 +22,12 @@ app = typer.Typer(help="Reproduce, compare and tune MAML-family meta-learning.",
 app.add_typer(data_app, name="data")
 app.add_typer(rl_app, name="rl")
 
-BENCHMARKS = ("sinusoid",)
+BENCHMARKS = ("sinusoid", "omniglot", "mini_imagenet")
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (validated before any work).")
+AlgorithmOpt = typer.Option("maml", "--algorithm", "-a", help="Few-shot: maml, fomaml, reptile, anil, metasgd, mamlpp.")
+SettingOpt = typer.Option("5w1s", "--setting", "-s", help="Few-shot: a key of <benchmark>.settings in params.")
+PreparedOpt = typer.Option(None, help="Few-shot: prepared data folder [data/prepared/<dataset>].")
+EpisodesOpt = typer.Option(None, "--episodes", help="Few-shot: fixed episodes folder [data/episodes/<dataset>].")
 
 
 def _check_benchmark(name: str) -> None:
@@ -31,35 +35,65 @@ def _check_benchmark(name: str) -> None:
         raise ValueError(f"unknown benchmark {name!r} (have: {', '.join(BENCHMARKS)})")
 
 
+def _data_dirs(benchmark: str, prepared: Optional[Path], episodes: Optional[Path]) -> tuple[Path, Path]:
+    dataset = "mini-imagenet" if benchmark == "mini_imagenet" else benchmark
+    return prepared or Path("data/prepared") / dataset, episodes or Path("data/episodes") / dataset
+
+
 @app.command()
-def train(benchmark: str = typer.Argument(..., help="Benchmark to meta-train: sinusoid."),
+def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_imagenet."),
           params: Path = ParamsOpt,
-          model: str = typer.Option("maml", help="maml (the algorithm in params) or pretrain (the paper's baseline)."),
-          run_dir: Optional[Path] = typer.Option(None, help="Checkpoints and model.pt go here [runs/<benchmark>/<model>]."),
+          model: str = typer.Option("maml", help="Sinusoid: maml (the algorithm in params) or pretrain (the baseline)."),
+          algorithm: str = AlgorithmOpt, setting: str = SettingOpt,
+          run_dir: Optional[Path] = typer.Option(None, help="Checkpoints and the model go here "
+                                                            "[runs/<benchmark>/<model> or <algorithm>-<setting>]."),
+          prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
           progress: bool = typer.Option(True, help="Show a progress bar."),
           ) -> None:
     """Meta-train, resuming from the newest checkpoint of the same configuration."""
     from mamlbench import runs
     _check_benchmark(benchmark)
-    out = runs.train_sinusoid(params, model, run_dir or Path("runs") / benchmark / model, progress=progress)
-    typer.echo(f"trained {benchmark} {model}: {out['iterations']} iterations"
+    if benchmark == "sinusoid":
+        out = runs.train_sinusoid(params, model, run_dir or Path("runs") / benchmark / model, progress=progress)
+        label = model
+    else:
+        prepared, episodes = _data_dirs(benchmark, prepared, episodes)
+        label = f"{algorithm} {setting}"
+        out = runs.train_fewshot(params, benchmark, algorithm, setting,
+                                 run_dir or Path("runs") / benchmark / f"{algorithm}-{setting}",
+                                 prepared=prepared, episodes_dir=episodes, progress=progress)
+    typer.echo(f"trained {benchmark} {label}: {out['iterations']} iterations"
                + (f" (resumed at {out['resumed_from']})" if out["resumed_from"] else ""))
 
 
 @app.command()
-def evaluate(benchmark: str = typer.Argument(..., help="Benchmark to evaluate: sinusoid."),
+def evaluate(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_imagenet."),
              params: Path = ParamsOpt,
-             runs_dir: Path = typer.Option(Path("runs/sinusoid"), "--runs", help="Folder holding <model>/model.pt."),
-             out: Path = typer.Option(Path("runs/sinusoid/eval"), help="Where metrics.json, per_task.csv, fits.png go."),
+             algorithm: str = AlgorithmOpt, setting: str = SettingOpt,
+             runs_dir: Optional[Path] = typer.Option(None, "--runs", help="Sinusoid: folder holding <model>/model.pt "
+                                                     "[runs/sinusoid]; few-shot: the training run folder."),
+             out: Optional[Path] = typer.Option(None, help="Where metrics.json and tables go [<runs>/eval]."),
+             prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
              ) -> None:
-    """Evaluate trained models on the fixed test tasks; print the table."""
+    """Evaluate trained models on the fixed test tasks or episodes; print the table."""
     from mamlbench import runs
     _check_benchmark(benchmark)
-    metrics = runs.evaluate_sinusoid(params, {"maml": runs_dir / "maml", "pretrain": runs_dir / "pretrain"}, out)
-    for name, by_k in metrics.items():
-        for k, by_step in by_k.items():
-            cells = "  ".join(f"{s}: {v['mse']:.3f}±{v['ci95']:.3f}" for s, v in by_step.items())
-            typer.echo(f"{name:9s} {k:4s} {cells}")
+    if benchmark == "sinusoid":
+        runs_dir = runs_dir or Path("runs/sinusoid")
+        metrics = runs.evaluate_sinusoid(params, {"maml": runs_dir / "maml", "pretrain": runs_dir / "pretrain"},
+                                         out or runs_dir / "eval")
+        for name, by_k in metrics.items():
+            for k, by_step in by_k.items():
+                cells = "  ".join(f"{s}: {v['mse']:.3f}±{v['ci95']:.3f}" for s, v in by_step.items())
+                typer.echo(f"{name:9s} {k:4s} {cells}")
+        return
+    prepared, episodes = _data_dirs(benchmark, prepared, episodes)
+    runs_dir = runs_dir or Path("runs") / benchmark / f"{algorithm}-{setting}"
+    metrics = runs.evaluate_fewshot(params, benchmark, algorithm, setting, runs_dir, out or runs_dir / "eval",
+                                    prepared=prepared, episodes_dir=episodes)
+    steps = "  ".join(f"{s}: {100 * v['acc']:.1f}" for s, v in metrics["per_step"].items())
+    typer.echo(f"{benchmark} {algorithm} {setting}: {100 * metrics['acc']:.2f}% ± {100 * metrics['ci95']:.2f} "
+               f"({metrics['n_episodes']} episodes)\n  by inner step: {steps}")
 
 
 @app.command("check-params")

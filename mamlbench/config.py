@@ -13,9 +13,15 @@ from typing import Any, Literal
 
 import yaml
 
+import dataclasses
+
+from mamlbench.algorithms.anil import ANILParams
+from mamlbench.algorithms.mamlpp import MAMLPPParams
+from mamlbench.algorithms.metasgd import MetaSGDParams
+from mamlbench.algorithms.reptile import ReptileParams
 from mamlbench.data.params import DataParams
 from mamlbench.rl.params import RLParams
-from mamlbench.schema import ConfigError, build, knob, section
+from mamlbench.schema import ConfigError, build, knob, section, to_dict
 
 Strategy = Literal["auto", "vmap", "loop"]
 
@@ -77,14 +83,122 @@ class SinusoidParams:
 
 
 @dataclass(frozen=True)
+class FewShotTrainParams:
+    """Meta-training on few-shot classification episodes (Omniglot, mini-ImageNet)."""
+    inner_lr: float = knob(0.4, "Inner SGD step size alpha during meta-training.", gt=0)
+    inner_steps: int = knob(1, "Inner steps during meta-training.", ge=1)
+    meta_batch_size: int = knob(32, "Tasks per meta-update.", ge=1)
+    meta_lr: float = knob(1e-3, "Adam step size of the meta-update (Reptile with sgd: epsilon).", gt=0)
+    iterations: int = knob(60000, "Meta-updates.", ge=1)
+    n_query: int = knob(15, "Query images per class in training episodes.", ge=1)
+    grad_clip: float | None = knob(None, "Clip the meta-gradient's global norm; null: no clipping.", gt=0)
+    strategy: Strategy = knob("auto", "vmap, loop, or auto (per device and model).")
+    checkpointing: bool = knob(False, "Recompute each inner step in the backward: memory flat in inner_steps.")
+    validate_every: int = knob(500, "Validate on the fixed validation episodes every this many meta-updates.", ge=1)
+    n_val_episodes: int = knob(100, "How many of the fixed validation episodes to use.", ge=1)
+    checkpoint_every: int = knob(100, "Resumable checkpoint period.", ge=1)
+    log_every: int = knob(20, "Logging period.", ge=1)
+    device: str = knob("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
+
+
+@dataclass(frozen=True)
+class FewShotEvalParams:
+    inner_steps: int = knob(10, "Report accuracy after 0..inner_steps inner steps on each test episode.", ge=0)
+    inner_lr: float | None = knob(None, "Inner step size at test time; null: the training inner_lr "
+                                        "(Meta-SGD and MAML++ use their learned rates).", gt=0)
+    split: Literal["val", "test"] = knob("test", "Which fixed episodes to report.")
+    n_episodes: int = knob(600, "Fixed episodes evaluated (at most as many as were episodized).", ge=1)
+    chunk: int = knob(100, "Episodes per batch in evaluation.", ge=1)
+
+
+@dataclass(frozen=True)
+class SettingParams:
+    """One N-way K-shot cell; `n_query` must match an episodized setting of the dataset."""
+    n_way: int = knob(5, "Classes per task (N).", ge=2)
+    k_shot: int = knob(1, "Support images per class (K).", ge=1)
+    n_query: int = knob(15, "Query images per class in the fixed evaluation episodes.", ge=1)
+    train: dict[str, Any] = knob({}, "Overrides of the benchmark's train section for this cell.")
+
+
+@dataclass(frozen=True)
+class RunParams:
+    algorithms: list[str] = knob(["maml"], "Variants the pipeline trains.",
+                                 choices=["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"])
+    settings: list[str] = knob(["5w1s"], "Settings (keys of `settings`) the pipeline trains.")
+
+
+@dataclass(frozen=True)
+class FewShotParams:
+    model: str = knob("conv4_omniglot", "Network: conv4_omniglot, conv4_miniimagenet or mlp_omniglot.",
+                      choices=["conv4_omniglot", "conv4_miniimagenet", "mlp_omniglot"])
+    run: RunParams = section(RunParams)
+    settings: dict[str, SettingParams] = knob({}, "Named N-way K-shot cells.")
+    train: FewShotTrainParams = section(FewShotTrainParams)
+    evaluate: FewShotEvalParams = section(FewShotEvalParams)
+
+    def validate(self, where: str) -> None:
+        for name in self.run.settings:
+            if name not in self.settings:
+                raise ConfigError(f"{where}.run.settings: {name!r} is not a key of {where}.settings "
+                                  f"(have: {', '.join(self.settings) or 'none'})")
+        for name, cell in self.settings.items():
+            build(FewShotTrainParams, {**to_dict(self.train), **cell.train}, f"{where}.settings.{name}.train")
+
+
+def _variant(name: str, options: type) -> type:
+    """A variant's params: its own options plus overrides of the benchmark's train section."""
+    return dataclasses.make_dataclass(f"{name}Variant", [
+        ("train", dict[str, Any], knob({}, "Overrides of the benchmark's train section for this variant.")),
+        ("options", options, section(options)),
+    ], frozen=True)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This variant has no options of its own."""
+
+
+MAMLVariant = _variant("MAML", NoOptions)
+FOMAMLVariant = _variant("FOMAML", NoOptions)
+ReptileVariant = _variant("Reptile", ReptileParams)
+ANILVariant = _variant("ANIL", ANILParams)
+MetaSGDVariant = _variant("MetaSGD", MetaSGDParams)
+MAMLPPVariant = _variant("MAMLPP", MAMLPPParams)
+
+
+@dataclass(frozen=True)
+class VariantsParams:
+    """Per-variant options and train overrides, shared by every few-shot benchmark."""
+    maml: MAMLVariant = section(MAMLVariant)
+    fomaml: FOMAMLVariant = section(FOMAMLVariant)
+    reptile: ReptileVariant = section(ReptileVariant)
+    anil: ANILVariant = section(ANILVariant)
+    metasgd: MetaSGDVariant = section(MetaSGDVariant)
+    mamlpp: MAMLPPVariant = section(MAMLPPVariant)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = knob(0, "Fixes tasks, episodes and initial weights.", ge=0)
     profile: str = knob("quick", "Which entry of `profiles` to apply.")
     profiles: dict[str, Any] = knob({}, "Named budget overrides, as dotted keys.")
     tracking: TrackingParams = section(TrackingParams)
     sinusoid: SinusoidParams = section(SinusoidParams)
+    omniglot: FewShotParams = section(FewShotParams)
+    mini_imagenet: FewShotParams = section(FewShotParams)
+    variants: VariantsParams = section(VariantsParams)
     data: DataParams = section(DataParams)
     rl: RLParams = section(RLParams)
+
+
+FEWSHOT = ("omniglot", "mini_imagenet")
+
+
+def fewshot_train(params: Params, benchmark: str, algorithm: str, setting: str) -> FewShotTrainParams:
+    """A cell's effective train section: benchmark defaults < setting overrides < variant overrides."""
+    bench: FewShotParams = getattr(params, benchmark)
+    merged = {**to_dict(bench.train), **bench.settings[setting].train, **getattr(params.variants, algorithm).train}
+    return build(FewShotTrainParams, merged, f"{benchmark}.{setting}+variants.{algorithm}.train")
 
 
 def apply_profile(raw: dict) -> dict:

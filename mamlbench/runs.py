@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mamlbench import sinusoid
-from mamlbench.config import load_params
+from mamlbench import fewshot, sinusoid
+from mamlbench.config import fewshot_train, load_params
 from mamlbench.schema import to_dict
 from mamlbench.tracking import start_run
 from mamlbench.train import resolve_device
@@ -49,5 +49,56 @@ def evaluate_sinusoid(params_path: str | Path, runs: dict[str, str | Path], out_
                 for k, steps in ks.items() for step, v in steps.items()}
         tracker.log_metrics(flat)
         for name in ("metrics.json", "per_task.csv", "fits.png"):
+            tracker.log_artifact(Path(out_dir) / name)
+    return metrics
+
+
+def cell_name(algorithm: str, setting: str, seed: int) -> str:
+    """MLflow run names: <variant>-<way>w<shot>s-seed<k>."""
+    return f"{algorithm}-{setting}-seed{seed}"
+
+
+def train_fewshot(params_path: str | Path, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
+                  prepared: str | Path, episodes_dir: str | Path, progress: bool = True) -> dict:
+    params = load_params(params_path)
+    fewshot.check_cell(params, benchmark, algorithm, setting)
+    cfg = fewshot_train(params, benchmark, algorithm, setting)
+    checkpoints = fewshot.checkpointer(params, benchmark, algorithm, setting, run_dir)
+    checkpoints.discard_foreign()
+    state = checkpoints.latest()
+    run_id = state["extra"].get("mlflow_run_id") if state else None
+    cell = getattr(params, benchmark).settings[setting]
+    logged = {"seed": params.seed, "profile": params.profile, "benchmark": benchmark, "algorithm": algorithm,
+              "setting": setting, "model": getattr(params, benchmark).model, "n_way": cell.n_way, "k_shot": cell.k_shot,
+              "train": to_dict(cfg), "options": to_dict(getattr(params.variants, algorithm).options)}
+    tags = {"stage": f"{benchmark}-train", "variant": algorithm, "setting": setting,
+            "device": str(resolve_device(cfg.device))}
+    if state:
+        tags["resumed_from"] = state["iteration"]
+    with start_run(params, benchmark, cell_name(algorithm, setting, params.seed), run_id=run_id, tags=tags,
+                   log_params=logged) as tracker:
+        result = fewshot.train(params, benchmark, algorithm, setting, run_dir, prepared=prepared,
+                               episodes_dir=episodes_dir, resume_state=state, log=tracker.log_metrics,
+                               extra={"mlflow_run_id": tracker.run_id}, progress=progress)
+        for name in ("best.pt", "curve.csv", "train.json"):
+            tracker.log_artifact(Path(run_dir) / name)
+    return {"iterations": result.iterations, "resumed_from": result.resumed_from, **result.last()}
+
+
+def evaluate_fewshot(params_path: str | Path, benchmark: str, algorithm: str, setting: str, run_dir: str | Path,
+                     out_dir: str | Path, *, prepared: str | Path, episodes_dir: str | Path) -> dict:
+    params = load_params(params_path)
+    fewshot.check_cell(params, benchmark, algorithm, setting)
+    logged = {"seed": params.seed, "profile": params.profile, "algorithm": algorithm, "setting": setting,
+              "evaluate": to_dict(getattr(params, benchmark).evaluate)}
+    with start_run(params, benchmark, "evaluate-" + cell_name(algorithm, setting, params.seed),
+                   tags={"stage": f"{benchmark}-evaluate", "variant": algorithm, "setting": setting},
+                   log_params=logged) as tracker:
+        metrics = fewshot.evaluate(params, benchmark, algorithm, setting, run_dir, out_dir, prepared=prepared,
+                                   episodes_dir=episodes_dir)
+        tracker.log_metrics({"meta_test/acc": metrics["acc"], "meta_test/ci95": metrics["ci95"]})
+        for step, value in enumerate(metrics["per_step"].values()):
+            tracker.log_metrics({"meta_test/acc_by_step": value["acc"]}, step=step)
+        for name in ("metrics.json", "per_episode.csv", "steps.csv"):
             tracker.log_artifact(Path(out_dir) / name)
     return metrics

@@ -68,7 +68,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {_show(value)}: expected a mapping")
-        return dict(value)
+        _, item = get_args(tp) or (str, Any)
+        return {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if tp is bool:

@@ -19,7 +19,7 @@ from mamlbench.data.sinusoid import fixed_test_tasks, sample_points, sample_task
 from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.mlp import MLP
 from mamlbench.schema import to_dict
-from mamlbench.train import Checkpointer, LoopConfig, LoopResult, fingerprint, resolve_device, run_loop
+from mamlbench.train import Checkpointer, LoopConfig, LoopResult, fingerprint, resolve_device, run_loop, write_curve
 
 MODELS = ("maml", "pretrain")
 
@@ -90,13 +90,8 @@ def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict 
                       resume_state=resume_state, log=log, extra=extra, progress=progress)
     save_torch(run_dir / "model.pt", {"state_dict": model.state_dict(), "hidden": params.sinusoid.hidden,
                                       "kind": kind, "iterations": result.iterations})
-    rows = ["iteration," + ",".join(k for k in result.history if k != "iteration")]
-    keys = [k for k in result.history if k != "iteration"]
-    for i, it in enumerate(result.history.get("iteration", [])):
-        rows.append(f"{int(it)}," + ",".join(f"{result.history[k][i]:.6g}" for k in keys))
-    write_text(run_dir / "curve.csv", "\n".join(rows) + "\n")
-    final = {k: v[-1] for k, v in result.history.items() if k != "iteration" and v}
-    write_json(run_dir / "train.json", {"iterations": result.iterations, **final})
+    write_curve(run_dir / "curve.csv", result.history)
+    write_json(run_dir / "train.json", {"iterations": result.iterations, **result.last()})
     return result
 
 

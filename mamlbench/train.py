@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mamlbench.io import load_torch, save_torch
+from mamlbench.io import load_torch, save_torch, write_text
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -91,13 +91,30 @@ class LoopConfig:
     log_every: int
     describe: str = "meta-train"          # progress bar label
     setting: str = ""                     # named in a divergence message, e.g. "inner_lr=0.01, meta_lr=0.001"
+    force_log: tuple[str, ...] = ()       # metrics (e.g. validation) that are logged whenever present
 
 
 @dataclass
 class LoopResult:
     iterations: int
-    history: dict[str, list[float]] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per logged iteration
     resumed_from: int = 0
+
+    def last(self) -> dict[str, float]:
+        """The newest value of every metric."""
+        out: dict[str, float] = {}
+        for row in self.history:
+            out.update({k: v for k, v in row.items() if k != "iteration"})
+        return out
+
+
+def write_curve(path: str | Path, history: list[dict[str, float]]) -> None:
+    """The learning curve as CSV (DVC plots): one row per logged iteration, blanks where not measured."""
+    keys = list(dict.fromkeys(k for row in history for k in row if k != "iteration"))
+    lines = ["iteration," + ",".join(keys)]
+    lines += [f"{int(row['iteration'])}," + ",".join(f"{row[k]:.6g}" if k in row else "" for k in keys)
+              for row in history]
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[int], dict[str, float]],
@@ -106,17 +123,18 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
              progress: bool = True) -> LoopResult:
     """Run iterations [start, config.iterations) of `step`, checkpointing and logging as configured.
 
-    `history` records the metrics of every `log_every`-th iteration (and the last); it travels in the
-    checkpoint so a resumed run's learning curve is whole.
+    `history` records the metrics of every `log_every`-th iteration, the last, and any iteration whose
+    metrics hold a `force_log` key (e.g. a validation); it travels in the checkpoint so a resumed
+    run's learning curve is whole. `extra` is saved in every checkpoint as is: `step` may update it.
     """
-    history: dict[str, list[float]] = {}
+    history: list[dict[str, float]] = []
     start = 0
     if resume_state is not None:
         learner.load_state_dict(resume_state["learner"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        history = {k: list(v) for k, v in resume_state["history"].items()}
+        history = [dict(row) for row in resume_state["history"]]
         start = resume_state["iteration"]
-    extra = dict(extra or {})
+    extra = extra if extra is not None else {}
 
     def snapshot(iteration: int) -> None:
         checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
@@ -136,10 +154,9 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
                     + (f" ({config.setting})" if config.setting else "")
                     + "; the last good checkpoint is kept")
             done = iteration + 1
-            if done % config.log_every == 0 or done == config.iterations:
-                history.setdefault("iteration", []).append(done)
-                for key, value in metrics.items():
-                    history.setdefault(key, []).append(float(value))
+            forced = any(k in metrics for k in config.force_log)
+            if done % config.log_every == 0 or done == config.iterations or forced:
+                history.append({"iteration": done, **{k: float(v) for k, v in metrics.items()}})
                 if log is not None:
                     log(metrics, done)
                 bar.update(task, status=" ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2]))

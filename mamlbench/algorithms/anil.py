@@ -16,13 +16,13 @@ Understanding the Effectiveness of MAML", ICLR 2020.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamlbench.algorithms.core import LR, Params, forward, inner_grads, sgd_step
-from mamlbench.algorithms.stepwise import StepwiseMAML
+from mamlbench.algorithms.core import Params, forward
+from mamlbench.algorithms.maml import MAML
 from mamlbench.schema import knob
 
 
@@ -38,7 +38,7 @@ def _sub(state: Params, prefix: str) -> Params:
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
-class ANIL(StepwiseMAML):
+class ANIL(MAML):
     """MAML with the inner loop restricted to the parameters under `head`.
 
     Args:
@@ -58,33 +58,23 @@ class ANIL(StepwiseMAML):
                  strategy: str = "auto", loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                  head: str = "head"):
         super().__init__(model, inner_lr, inner_steps, first_order, strategy, loss_fn)
+        self.head = head
         names = [k for k, p in model.named_parameters() if p.requires_grad]
-        if not any(k.startswith(head + ".") for k in names):
+        if not any(self.adapts(k) for k in names):
             raise ValueError(f"ANIL: the model has no trainable parameters under head {head!r} "
                              f"(parameters: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
-        self.head = head
         # The cached-features path needs the model to be exactly head(features(x)).
         self.split = head == "head" and isinstance(getattr(model, "features", None), nn.Module)
 
-    def steps(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, n_steps: int, *,
-              batched: bool, first_order: bool, inner_lr: LR | None = None) -> Iterator[Params]:
-        """theta_0, ..., theta_n with only the head moving; the body is the same tensors throughout."""
-        prefix = self.head + "."
-        head = {k: v for k, v in params.items() if k.startswith(prefix)}
-        body = {k: v for k, v in params.items() if not k.startswith(prefix)}
-        if self.split:
-            # (n_support, n_features), a function of the body: computed once, reused every step.
-            feats = forward(self.model.features, _sub(body, "features"), _sub(buffers, "features"), support_x)
-            head_buffers = _sub(buffers, "head")
+    def adapts(self, name: str) -> bool:
+        return name.startswith(self.head + ".")
 
-            def support_loss(h: Params) -> Tensor:
-                return self.loss_fn(forward(self.model.head, _sub(h, "head"), head_buffers, feats), support_y)
-        else:
-            def support_loss(h: Params) -> Tensor:
-                return self.loss_fn(forward(self.model, {**body, **h}, buffers, support_x), support_y)
-
-        yield params
-        for s in range(n_steps):
-            grads, _ = inner_grads(support_loss, head, first_order=first_order, batched=batched)
-            head = sgd_step(head, grads, self.inner_lr_at(s) if inner_lr is None else inner_lr)
-            yield {**body, **head}
+    def support_loss(self, params: Params, buffers: Params, support_x: Tensor,
+                     support_y: Tensor) -> Callable[[Params], Tensor]:
+        """With `head(features(x))`, the features are a function of the body: computed once per task."""
+        if not self.split:
+            return super().support_loss(params, buffers, support_x, support_y)
+        # (n_support, n_features): a function of the body only, reused by every inner step.
+        feats = forward(self.model.features, _sub(params, "features"), _sub(buffers, "features"), support_x)
+        head_buffers = _sub(buffers, "head")
+        return lambda head: self.loss_fn(forward(self.model.head, _sub(head, "head"), head_buffers, feats), support_y)

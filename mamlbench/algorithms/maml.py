@@ -11,14 +11,14 @@ References: Finn, Abbeel & Levine, ICML 2017 (MAML and its first-order approxima
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlbench.algorithms.core import (
-    LR, Params, choose_strategy, detached_surrogate, forward, inner_grads, inner_loop, sgd_step,
+    LR, Params, choose_strategy, detached_surrogate, forward, inner_grads, sgd_step,
     split_state, task_batch_norm,
 )
 
@@ -59,13 +59,42 @@ class MAML(nn.Module):
         """Step size(s) of the inner loop: a float here, learned tensors in Meta-SGD."""
         return self.inner_lr
 
+    def inner_lr_at(self, step: int) -> LR:
+        """Step size(s) of inner step `step` (0-based): per-step rates in MAML++."""
+        return self.inner_lrs()
+
+    def adapts(self, name: str) -> bool:
+        """Whether the inner loop adapts parameter `name`: all here, the head only in ANIL."""
+        return True
+
+    def support_loss(self, params: Params, buffers: Params, support_x: Tensor,
+                     support_y: Tensor) -> Callable[[Params], Tensor]:
+        """The support loss as a function of the adapted entries; the others stay as in `params`."""
+        return lambda fast: self.loss_fn(forward(self.model, {**params, **fast}, buffers, support_x), support_y)
+
+    def steps(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, n_steps: int, *,
+              batched: bool, first_order: bool, inner_lr: LR | None = None) -> Iterator[Params]:
+        """Yield theta_0 = params, ..., theta_n: the inner loop one step at a time.
+
+        `adapt` and `trajectory` both run it, so a variant that changes the inner step overrides
+        this (Reptile) or the hooks above (ANIL, MAML++) once. `batched` picks `torch.func.grad`
+        over `autograd.grad`; `inner_lr`, when given, replaces the learned or scheduled rates.
+        """
+        fast = {k: v for k, v in params.items() if self.adapts(k)}
+        support_loss = self.support_loss(params, buffers, support_x, support_y)
+        yield params
+        for s in range(n_steps):
+            grads, _ = inner_grads(support_loss, fast, first_order=first_order, batched=batched)
+            fast = sgd_step(fast, grads, self.inner_lr_at(s) if inner_lr is None else inner_lr)
+            yield {**params, **fast}
+
     def adapt(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
               inner_steps: int, batched: bool) -> Params:
         """One task's inner loop: SGD on the support loss, differentiable w.r.t. `params`."""
-        def support_loss(p: Params) -> Tensor:
-            return self.loss_fn(forward(self.model, p, buffers, support_x), support_y)
-        return inner_loop(support_loss, params, self.inner_lrs(), inner_steps,
-                          first_order=self.first_order, batched=batched)
+        for params in self.steps(params, buffers, support_x, support_y, inner_steps,
+                                 batched=batched, first_order=self.first_order):
+            pass
+        return params
 
     def task_loss(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
                   query_x: Tensor, query_y: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
@@ -113,35 +142,23 @@ class MAML(nn.Module):
                    inner_lr: LR | None = None) -> Tensor:
         """Query metric (default: the loss) of each task after 0..inner_steps steps: (tasks, steps+1).
 
-        Evaluation only: no meta-gradient, so every step is detached (memory flat in the steps).
+        Evaluation only: first order through `torch.func.grad`, which needs no autograd graph, so
+        nothing is kept between steps (memory flat in the steps).
         """
         metric = metric or self.loss_fn
-        lr = self.inner_lrs() if inner_lr is None else inner_lr
         params, buffers = split_state(self.model)
         params = {k: v.detach() for k, v in params.items()}
 
-        def support_loss_for(sx, sy):
-            return lambda p: self.loss_fn(forward(self.model, p, buffers, sx), sy)
+        def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+            return torch.stack([metric(forward(self.model, p, buffers, qx), qy)
+                                for p in self.steps(params, buffers, sx, sy, inner_steps, batched=True,
+                                                    first_order=True, inner_lr=inner_lr)])
 
-        def one(sx, sy, qx, qy, batched):
-            p, scores = params, []
-            for step in range(inner_steps + 1):
-                scores.append(metric(forward(self.model, p, buffers, qx), qy))
-                if step < inner_steps:
-                    if not batched:
-                        p = {k: v.detach().requires_grad_() for k, v in p.items()}
-                    with torch.enable_grad():
-                        grads, _ = inner_grads(support_loss_for(sx, sy), p, first_order=True, batched=batched)
-                    p = {k: v.detach() for k, v in sgd_step(p, grads, lr).items()}
-            return torch.stack(scores)
-
-        if self.resolve_strategy(support_x.device) == "vmap":
-            with task_batch_norm(self.model, batched=True):
-                return torch.func.vmap(lambda *a: one(*a, True), randomness="different")(
-                    support_x, support_y, query_x, query_y)
-        with task_batch_norm(self.model, batched=False):
-            return torch.stack([one(support_x[t], support_y[t], query_x[t], query_y[t], False)
-                                for t in range(support_x.shape[0])])
+        batched = self.resolve_strategy(support_x.device) == "vmap"
+        with task_batch_norm(self.model, batched=batched):
+            if batched:
+                return torch.func.vmap(one, randomness="different")(support_x, support_y, query_x, query_y)
+            return torch.stack([one(*task) for task in zip(support_x, support_y, query_x, query_y)])
 
 
 def FOMAML(model: nn.Module, **kwargs) -> MAML:

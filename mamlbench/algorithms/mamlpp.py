@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamlbench.algorithms.core import LR, Params, forward, inner_grads, sgd_step
+from mamlbench.algorithms.core import LR, Params, forward
 from mamlbench.algorithms.metasgd import param_key
-from mamlbench.algorithms.stepwise import StepwiseMAML
+from mamlbench.algorithms.maml import MAML
 from mamlbench.schema import knob
 
 
@@ -128,7 +128,7 @@ class PerStepBatchNorm(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * weight.view(shape) + bias.view(shape)
 
 
-class MAMLPlusPlus(StepwiseMAML):
+class MAMLPlusPlus(MAML):
     """MAML++ around `model`: MAML plus the switches of `MAMLPPParams` (see the module docstring).
 
     Args:
@@ -185,7 +185,7 @@ class MAMLPlusPlus(StepwiseMAML):
         if per_step_bn_stats and self.norms and strategy == "vmap":
             raise ValueError("per_step_bn_stats needs strategy loop or auto: running statistics cannot be "
                              "written from inside vmap")
-        fast = {k: p for k, p in model.named_parameters() if p.requires_grad and k not in fixed}
+        fast = {k: p for k, p in model.named_parameters() if p.requires_grad and self.adapts(k)}
         self.fast_names = list(fast)
         # One learnable rate per parameter tensor and inner step, shape (S,).
         self.lslr = nn.ParameterDict({
@@ -225,27 +225,15 @@ class MAMLPlusPlus(StepwiseMAML):
         s = min(step, self.inner_steps - 1)
         return {k: self.lslr[param_key(k)][s] for k in self.fast_names}
 
-    def _set_step(self, step: int) -> None:
-        for norm in self.norms:
-            norm.step = step
+    def adapts(self, name: str) -> bool:
+        return name not in self.fixed  # BNWB: the per-step BatchNorm pairs are meta-learned only
 
-    def steps(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, n_steps: int, *,
-              batched: bool, first_order: bool, inner_lr: LR | None = None) -> Iterator[Params]:
-        """theta_0..theta_n; BatchNorm is on slot s while theta_s is in use (and yielded)."""
-        fixed = {k: v for k, v in params.items() if k in self.fixed}
-        fast = {k: v for k, v in params.items() if k not in self.fixed}
-
-        def support_loss(p: Params) -> Tensor:
-            return self.loss_fn(forward(self.model, {**fixed, **p}, buffers, support_x), support_y)
-
-        self._set_step(0)
-        yield params
-        for s in range(n_steps):
-            self._set_step(s)
-            grads, _ = inner_grads(support_loss, fast, first_order=first_order, batched=batched)
-            fast = sgd_step(fast, grads, self.inner_lr_at(s) if inner_lr is None else inner_lr)
-            self._set_step(s + 1)
-            yield {**fixed, **fast}
+    def steps(self, *args, **kwargs) -> Iterator[Params]:
+        """`MAML.steps` with BatchNorm on slot s while theta_s is in use and while its gradient is taken."""
+        for s, params in enumerate(super().steps(*args, **kwargs)):
+            for norm in self.norms:
+                norm.step = s
+            yield params
 
     def task_loss(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
                   query_x: Tensor, query_y: Tensor, batched: bool) -> tuple[Tensor, Tensor]:

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamlbench.algorithms.core import LR, Params, detached_surrogate, forward, inner_grads, split_state, task_batch_norm
-from mamlbench.algorithms.maml import MetaOutput
-from mamlbench.algorithms.stepwise import StepwiseMAML
+from mamlbench.algorithms.core import (
+    LR, Params, detached_surrogate, forward, inner_grads, sgd_step, split_state, task_batch_norm,
+)
+from mamlbench.algorithms.maml import MAML, MetaOutput
 from mamlbench.schema import ConfigError, knob
 
 
@@ -45,7 +46,7 @@ class ReptileParams:
             raise ConfigError(f"{where + '.' if where else ''}adam_betas = {self.adam_betas!r}: expected two numbers")
 
 
-class Reptile(StepwiseMAML):
+class Reptile(MAML):
     """Reptile around `model` (meta-update through `loss.backward()`, see the module docstring).
 
     Args:
@@ -114,7 +115,7 @@ class Reptile(StepwiseMAML):
             # Reptile never differentiates through the inner loop: torch.func.grad, no graph kept.
             grads, _ = inner_grads(loss, params, first_order=True, batched=True)
             if self.inner_optimizer == "sgd":
-                params = {k: p - lr * grads[k] for k, p in params.items()}
+                params = sgd_step(params, grads, lr)
             else:
                 t = s + 1
                 m = {k: b1 * m[k] + (1 - b1) * g for k, g in grads.items()}

@@ -1,0 +1,196 @@
+"""Few-shot classification (Omniglot, mini-ImageNet): meta-train any variant, validate on the fixed
+validation episodes, keep the best, evaluate on the fixed test episodes.
+
+Every variant of a benchmark starts from the same initial weights for a given seed and is scored on
+the same stored episodes, so differences between variants are paired comparisons.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mamlbench import rng
+from mamlbench.algorithms import ALGORITHMS, build_algorithm
+from mamlbench.config import FEWSHOT, FewShotTrainParams, Params, fewshot_train
+from mamlbench.data.episodes import episode_path, load_episodes, materialize
+from mamlbench.data.prepared import load_split, read_meta
+from mamlbench.data.sampler import EpisodeSampler
+from mamlbench.io import load_torch, save_torch, write_json, write_text
+from mamlbench.models.conv import build_model
+from mamlbench.schema import to_dict
+from mamlbench.train import Checkpointer, LoopConfig, LoopResult, fingerprint, resolve_device, run_loop, write_curve
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def dataset_name(benchmark: str) -> str:
+    return "mini-imagenet" if benchmark == "mini_imagenet" else benchmark
+
+
+def check_cell(params: Params, benchmark: str, algorithm: str, setting: str) -> None:
+    if benchmark not in FEWSHOT:
+        raise ValueError(f"unknown few-shot benchmark {benchmark!r} (have: {', '.join(FEWSHOT)})")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r} (have: {', '.join(ALGORITHMS)})")
+    settings = getattr(params, benchmark).settings
+    if setting not in settings:
+        raise ValueError(f"unknown setting {setting!r} for {benchmark} (have: {', '.join(settings) or 'none'})")
+
+
+def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, cfg: FewShotTrainParams,
+                  in_channels: int, image_size: int):
+    """The variant around a freshly initialised model; the init depends on (seed, benchmark, setting) only."""
+    cell = getattr(params, benchmark).settings[setting]
+    torch.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-init"))
+    model = build_model(getattr(params, benchmark).model, cell.n_way, in_channels=in_channels, image_size=image_size)
+    options = getattr(params.variants, algorithm).options
+    learner = build_algorithm(algorithm, model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+                              strategy=cfg.strategy, params=options if to_dict(options) else None)
+    if cfg.checkpointing:
+        learner.checkpointing = True
+    return learner
+
+
+def run_fingerprint(params: Params, benchmark: str, algorithm: str, setting: str) -> str:
+    cfg = to_dict(fewshot_train(params, benchmark, algorithm, setting))
+    for key in ("checkpoint_every", "log_every", "validate_every"):
+        cfg.pop(key)
+    bench = getattr(params, benchmark)
+    return fingerprint({"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": bench.model,
+                        "cell": to_dict(bench.settings[setting]), "train": cfg,
+                        "options": to_dict(getattr(params.variants, algorithm).options)})
+
+
+def checkpointer(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path) -> Checkpointer:
+    return Checkpointer(Path(run_dir) / "checkpoints", run_fingerprint(params, benchmark, algorithm, setting))
+
+
+def _episodes(params: Params, benchmark: str, setting: str, split_name: str, prepared: Path, episodes_dir: Path):
+    cell = getattr(params, benchmark).settings[setting]
+    split = load_split(prepared, split_name)
+    path = episode_path(episodes_dir, split.scheme, split_name, cell.n_way, cell.k_shot, cell.n_query)
+    return split, load_episodes(path, prepared)
+
+
+def score(learner, split, episodes, n_episodes: int, inner_steps: int, inner_lr, device, chunk: int) -> torch.Tensor:
+    """Query accuracy of each stored episode after 0..inner_steps steps: (episodes, steps+1)."""
+    episodes = {**episodes, "n_episodes": min(n_episodes, episodes["n_episodes"])}
+    rows = [learner.trajectory(*batch, inner_steps=inner_steps, metric=accuracy, inner_lr=inner_lr)
+            for batch in materialize(episodes, split, chunk=chunk, device=device)]
+    return torch.cat(rows)
+
+
+def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
+          prepared: str | Path, episodes_dir: str | Path, resume_state: dict | None = None, log=None,
+          extra: dict | None = None, progress: bool = True) -> LoopResult:
+    """Meta-train one cell; writes model.pt (last), best.pt (best validation), curve.csv, train.json."""
+    check_cell(params, benchmark, algorithm, setting)
+    run_dir, prepared, episodes_dir = Path(run_dir), Path(prepared), Path(episodes_dir)
+    cfg = fewshot_train(params, benchmark, algorithm, setting)
+    cell = getattr(params, benchmark).settings[setting]
+    evaluate_cfg = getattr(params, benchmark).evaluate
+    device = resolve_device(cfg.device)
+    train_split = load_split(prepared, "train")
+    val_split, val_episodes = _episodes(params, benchmark, setting, "val", prepared, episodes_dir)
+    sampler = EpisodeSampler.from_split(train_split, cell.n_way, cell.k_shot, cfg.n_query, device=device)
+    channels, size = train_split.images.shape[2], train_split.images.shape[3]
+    learner = build_learner(params, benchmark, algorithm, setting, cfg, channels, size).to(device)
+    sgd_outer = algorithm == "reptile" and learner.meta_optimizer == "sgd"
+    optimizer = (torch.optim.SGD if sgd_outer else torch.optim.Adam)(learner.parameters(), lr=cfg.meta_lr)
+    best = dict(resume_state["extra"].get("best", {})) if resume_state else {}
+    started = time.perf_counter() - (resume_state["extra"].get("seconds", 0.0) if resume_state else 0.0)
+
+    def step(iteration: int) -> dict[str, float]:
+        if hasattr(learner, "set_iteration"):
+            learner.set_iteration(iteration)
+        if hasattr(learner, "meta_lr"):
+            for group in optimizer.param_groups:
+                group["lr"] = learner.meta_lr(iteration, cfg.iterations, cfg.meta_lr)
+        if hasattr(learner, "generator"):
+            learner.generator = rng.generator(params.seed, f"{benchmark}-inner", iteration)
+        sampler.generator.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-train", iteration))
+        support_x, support_y, query_x, query_y = sampler.sample(cfg.meta_batch_size)  # (tasks, N*K|N*Q, C, H, W)
+        out = learner(support_x, support_y, query_x, query_y)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip)
+        optimizer.step()
+        metrics = {"meta_train/query_loss": out.loss.item(),
+                   "meta_train/query_acc": accuracy(out.query_outputs, query_y).mean().item()}
+        done = iteration + 1
+        if done % cfg.validate_every == 0 or done == cfg.iterations:
+            val = score(learner, val_split, val_episodes, cfg.n_val_episodes, evaluate_cfg.inner_steps,
+                        evaluate_cfg.inner_lr, device, evaluate_cfg.chunk)[:, -1].mean().item()
+            metrics["meta_val/query_acc"] = val
+            if val > best.get("acc", -1.0):
+                best.update(acc=val, iteration=done)
+                save_torch(run_dir / "best.pt", _model_state(learner, params, benchmark, algorithm, setting, done))
+            metrics["meta_val/best_acc"] = best["acc"]
+        extra_state["best"], extra_state["seconds"] = dict(best), time.perf_counter() - started
+        return metrics
+
+    extra_state = dict(extra or {})
+    loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"{benchmark} {algorithm} {setting}",
+                      setting=f"inner_lr={cfg.inner_lr}, meta_lr={cfg.meta_lr}, inner_steps={cfg.inner_steps}",
+                      force_log=("meta_val/query_acc",))
+    result = run_loop(learner, optimizer, step, loop, checkpointer(params, benchmark, algorithm, setting, run_dir),
+                      resume_state=resume_state, log=log, extra=extra_state, progress=progress)
+    save_torch(run_dir / "model.pt", _model_state(learner, params, benchmark, algorithm, setting, result.iterations))
+    write_curve(run_dir / "curve.csv", result.history)
+    final = result.last()
+    write_json(run_dir / "train.json", {"iterations": result.iterations, "best_val_acc": best.get("acc"),
+                                        "best_iteration": best.get("iteration"),
+                                        "seconds": round(extra_state.get("seconds", 0.0), 1), **final})
+    return result
+
+
+def _model_state(learner, params: Params, benchmark: str, algorithm: str, setting: str, iteration: int) -> dict:
+    return {"learner": learner.state_dict(), "benchmark": benchmark, "algorithm": algorithm, "setting": setting,
+            "iteration": iteration, "seed": params.seed}
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    values = values.double()
+    return values.mean().item(), 1.96 * values.std(unbiased=True).item() / math.sqrt(values.numel())
+
+
+def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, out_dir: str | Path, *,
+             prepared: str | Path, episodes_dir: str | Path) -> dict:
+    """Accuracy mean and 95% CI after 0..S inner steps on the fixed test episodes (best checkpoint)."""
+    check_cell(params, benchmark, algorithm, setting)
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = fewshot_train(params, benchmark, algorithm, setting)
+    ev = getattr(params, benchmark).evaluate
+    device = resolve_device(cfg.device)
+    split, episodes = _episodes(params, benchmark, setting, ev.split, Path(prepared), Path(episodes_dir))
+    source = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "model.pt"
+    if not source.is_file():
+        raise ValueError(f"{source}: no trained model; run `mamlbench train {benchmark} --algorithm {algorithm} "
+                         f"--setting {setting}` first")
+    state = load_torch(source)
+    learner = build_learner(params, benchmark, algorithm, setting, cfg, split.images.shape[2], split.images.shape[3])
+    learner.load_state_dict(state["learner"])
+    learner.to(device)
+    acc = score(learner, split, episodes, ev.n_episodes, ev.inner_steps, ev.inner_lr, device, ev.chunk)  # (E, S+1)
+    per_step = {f"step{s}": dict(zip(("acc", "ci95"), mean_ci95(acc[:, s]))) for s in range(acc.shape[1])}
+    mean, ci = mean_ci95(acc[:, -1])
+    metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
+               "checkpoint_iteration": state["iteration"], "per_step": per_step}
+    write_json(out_dir / "metrics.json", metrics)
+    rows = ["episode,inner_steps,acc"] + [f"{e},{s},{acc[e, s].item():.6g}" for e in range(acc.shape[0])
+                                          for s in range(acc.shape[1])]
+    write_text(out_dir / "per_episode.csv", "\n".join(rows) + "\n")
+    write_text(out_dir / "steps.csv", "inner_steps,acc,ci95\n" + "".join(
+        f"{s},{v['acc']:.6g},{v['ci95']:.6g}\n" for s, v in enumerate(per_step.values())))
+    return metrics
+
+
+def dataset_info(prepared: str | Path) -> dict:
+    return read_meta(prepared)
