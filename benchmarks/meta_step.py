@@ -79,30 +79,71 @@ def _rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
-def measure(step: Callable, model: nn.Module, loss_fn, inner_lr, batch, iters: int, warmup: int,
-            device: torch.device) -> tuple[float, float]:
-    """(median seconds per meta-iteration, peak memory in MiB above the starting point)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model.zero_grad(set_to_none=True)
-        step(model, loss_fn, inner_lr, batch)
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+def exact_cpu_memory() -> None:
+    """Serve every block >= 128 KiB by mmap and unmap it on free, so resident memory follows live
+    tensors instead of what glibc's heap kept from an earlier variant. Costs syscalls: call it after
+    the timings."""
+    if LIBC is not None:
+        LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start a peak-memory window; returns the starting level in bytes."""
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        start_mem = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        start_mem = _rss_kib("VmRSS") * 1024
-    times = []
-    for _ in range(iters):
+        return torch.cuda.memory_allocated()
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    return _rss_kib("VmRSS") * 1024
+
+
+def read_peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+
+
+def run_variants(variants: dict[str, Callable], model: nn.Module, loss_fn, inner_lr, batch, iters: int, warmup: int,
+                 device: torch.device) -> dict[str, tuple[float, float]]:
+    """{label: (median s/iter, peak MiB)}. Timed round-robin, so drift hits every variant alike;
+    memory measured afterwards, one variant per window."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def once(step) -> float:
         model.zero_grad(set_to_none=True)
         sync()
         t0 = time.perf_counter()
         step(model, loss_fn, inner_lr, batch)
         sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
-    return statistics.median(times), (peak - start_mem) / 2**20
+        return time.perf_counter() - t0
+
+    for step in variants.values():
+        for _ in range(warmup):
+            once(step)
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    for _ in range(iters):
+        for label, step in variants.items():
+            times[label].append(once(step))
+    exact_cpu_memory()
+    peaks = {}
+    for label, step in variants.items():
+        model.zero_grad(set_to_none=True)
+        start = reset_peak(device)
+        once(step)
+        peaks[label] = (read_peak(device) - start) / 2**20
+    return {label: (statistics.median(times[label]), peaks[label]) for label in variants}
 
 
 def main() -> None:
@@ -119,15 +160,15 @@ def main() -> None:
         model, loss_fn, inner_lr, batch = workload(name, device)
         auto = MAML(model, strategy="auto").resolve_strategy(device)
         variants = {"plain loop (baseline)": plain_loop_step, "core loop": core_step("loop"),
-                    "core vmap": core_step("vmap"), f"core auto (= {auto})": core_step("auto")}
+                    f"core auto (= {auto})": core_step("auto"), "core vmap": core_step("vmap")}
         iters = args.iters * (20 if name == "sinusoid" else 1)
-        print(f"\n{name}: median of {iters} meta-iterations after {args.warmup} warm-up")
+        print(f"\n{name}: median of {iters} meta-iterations (round-robin) after {args.warmup} warm-up")
         print(f"{'variant':24s} {'s/iter':>10s} {'speed-up':>9s} {'peak MiB':>9s} {'mem ratio':>9s}")
-        base = None
-        for label, step in variants.items():
-            seconds, peak = measure(step, model, loss_fn, inner_lr, batch, iters, args.warmup, device)
-            base = base or (seconds, peak)
-            print(f"{label:24s} {seconds:10.4f} {base[0] / seconds:8.2f}x {peak:9.1f} {peak / max(base[1], 1e-9):8.2f}x")
+        results = run_variants(variants, model, loss_fn, inner_lr, batch, iters, args.warmup, device)
+        base = results["plain loop (baseline)"]
+        for label, (seconds, peak) in results.items():
+            ratio = f"{peak / base[1]:8.2f}x" if base[1] >= 1 else "     n/a"  # below 1 MiB: noise
+            print(f"{label:24s} {seconds:10.4f} {base[0] / seconds:8.2f}x {peak:9.1f} {ratio}")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ app.add_typer(rl_app, name="rl")
 
 BENCHMARKS = ("sinusoid", "omniglot", "mini_imagenet")
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (validated before any work).")
+ProfileOpt = typer.Option(None, "--profile", help="Use this entry of `profiles` instead of the file's `profile`.")
 AlgorithmOpt = typer.Option("maml", "--algorithm", "-a", help="Few-shot: maml, fomaml, reptile, anil, metasgd, mamlpp.")
 SettingOpt = typer.Option("5w1s", "--setting", "-s", help="Few-shot: a key of <benchmark>.settings in params.")
-PreparedOpt = typer.Option(None, help="Few-shot: prepared data folder [data/prepared/<dataset>].")
-EpisodesOpt = typer.Option(None, "--episodes", help="Few-shot: fixed episodes folder [data/episodes/<dataset>].")
+PreparedOpt = typer.Option(None, help="Few-shot: prepared data folder (default: data/prepared/<dataset>).")
+EpisodesOpt = typer.Option(None, "--episodes", help="Few-shot: fixed episodes folder (default: data/episodes/<dataset>).")
 
 
 def _check_benchmark(name: str) -> None:
@@ -42,17 +43,19 @@ def _data_dirs(benchmark: str, prepared: Optional[Path], episodes: Optional[Path
 
 @app.command()
 def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_imagenet."),
-          params: Path = ParamsOpt,
+          params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
           model: str = typer.Option("maml", help="Sinusoid: maml (the algorithm in params) or pretrain (the baseline)."),
           algorithm: str = AlgorithmOpt, setting: str = SettingOpt,
           run_dir: Optional[Path] = typer.Option(None, help="Checkpoints and the model go here "
-                                                            "[runs/<benchmark>/<model> or <algorithm>-<setting>]."),
+                                                            "(default: runs/<benchmark>/<model> or <algorithm>-<setting>)."),
           prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
           progress: bool = typer.Option(True, help="Show a progress bar."),
           ) -> None:
     """Meta-train, resuming from the newest checkpoint of the same configuration."""
     from mamlbench import runs
+    from mamlbench.config import load_params
     _check_benchmark(benchmark)
+    params = load_params(params, profile)
     if benchmark == "sinusoid":
         out = runs.train_sinusoid(params, model, run_dir or Path("runs") / benchmark / model, progress=progress)
         label = model
@@ -68,16 +71,18 @@ def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_
 
 @app.command()
 def evaluate(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_imagenet."),
-             params: Path = ParamsOpt,
+             params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
              algorithm: str = AlgorithmOpt, setting: str = SettingOpt,
              runs_dir: Optional[Path] = typer.Option(None, "--runs", help="Sinusoid: folder holding <model>/model.pt "
-                                                     "[runs/sinusoid]; few-shot: the training run folder."),
-             out: Optional[Path] = typer.Option(None, help="Where metrics.json and tables go [<runs>/eval]."),
+                                                     "(default: runs/sinusoid); few-shot: the training run folder."),
+             out: Optional[Path] = typer.Option(None, help="Where metrics.json and tables go (default: <runs>/eval)."),
              prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
              ) -> None:
     """Evaluate trained models on the fixed test tasks or episodes; print the table."""
     from mamlbench import runs
+    from mamlbench.config import load_params
     _check_benchmark(benchmark)
+    params = load_params(params, profile)
     if benchmark == "sinusoid":
         runs_dir = runs_dir or Path("runs/sinusoid")
         metrics = runs.evaluate_sinusoid(params, {"maml": runs_dir / "maml", "pretrain": runs_dir / "pretrain"},

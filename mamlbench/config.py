@@ -131,6 +131,8 @@ class RunParams:
 class FewShotParams:
     model: str = knob("conv4_omniglot", "Network: conv4_omniglot, conv4_miniimagenet or mlp_omniglot.",
                       choices=["conv4_omniglot", "conv4_miniimagenet", "mlp_omniglot"])
+    hidden: int | None = knob(None, "Conv filters (conv4) of the network; null: the paper's (64 Omniglot, 32 "
+                                    "mini-ImageNet). Smaller is faster and weaker.", ge=1)
     run: RunParams = section(RunParams)
     settings: dict[str, SettingParams] = knob({}, "Named N-way K-shot cells.")
     train: FewShotTrainParams = section(FewShotTrainParams)
@@ -190,6 +192,11 @@ class Params:
     data: DataParams = section(DataParams)
     rl: RLParams = section(RLParams)
 
+    def validate(self, where: str = "") -> None:
+        defaults = to_dict(FewShotTrainParams())
+        for name in ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"):
+            build(FewShotTrainParams, {**defaults, **getattr(self.variants, name).train}, f"variants.{name}.train")
+
 
 FEWSHOT = ("omniglot", "mini_imagenet")
 
@@ -212,10 +219,19 @@ def apply_profile(raw: dict) -> dict:
         if profiles or name != "quick":
             raise ConfigError(f"profile = {name!r}: no such entry under 'profiles' (have: {', '.join(profiles) or 'none'})")
         return raw
-    overrides = profiles[name] or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"profiles.{name} = {overrides!r}: expected a mapping of dotted keys")
-    for dotted, value in overrides.items():
+    chain, current = [], name
+    while current is not None:  # `extends: other` applies the other profile first
+        if current not in profiles or current in chain:
+            raise ConfigError(f"profiles.{chain[-1]}.extends = {current!r}: no such profile, or a cycle")
+        overrides = profiles[current] or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"profiles.{current} = {overrides!r}: expected a mapping of dotted keys")
+        chain.append(current)
+        current = overrides.get("extends")
+    merged: dict = {}
+    for profile in reversed(chain):
+        merged.update({k: v for k, v in (profiles[profile] or {}).items() if k != "extends"})
+    for dotted, value in merged.items():
         node = raw
         parts = str(dotted).split(".")
         for part in parts[:-1]:
@@ -227,8 +243,8 @@ def apply_profile(raw: dict) -> dict:
     return raw
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read, apply the profile, validate. Raises `ConfigError` with a one-line message."""
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """Read, apply the profile (`profile` overrides the file's), validate; `ConfigError` on bad input."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
@@ -238,4 +254,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if profile is not None:
+        raw["profile"] = profile
     return build(Params, apply_profile(raw))

@@ -48,7 +48,9 @@ def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, 
     """The variant around a freshly initialised model; the init depends on (seed, benchmark, setting) only."""
     cell = getattr(params, benchmark).settings[setting]
     torch.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-init"))
-    model = build_model(getattr(params, benchmark).model, cell.n_way, in_channels=in_channels, image_size=image_size)
+    bench = getattr(params, benchmark)
+    hidden = bench.hidden if bench.model.startswith("conv4") else None
+    model = build_model(bench.model, cell.n_way, in_channels=in_channels, image_size=image_size, hidden=hidden)
     options = getattr(params.variants, algorithm).options
     learner = build_algorithm(algorithm, model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
                               strategy=cfg.strategy, params=options if to_dict(options) else None)
@@ -63,6 +65,7 @@ def run_fingerprint(params: Params, benchmark: str, algorithm: str, setting: str
         cfg.pop(key)
     bench = getattr(params, benchmark)
     return fingerprint({"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": bench.model,
+                        "hidden": bench.hidden,
                         "cell": to_dict(bench.settings[setting]), "train": cfg,
                         "options": to_dict(getattr(params.variants, algorithm).options)})
 
@@ -80,10 +83,10 @@ def _episodes(params: Params, benchmark: str, setting: str, split_name: str, pre
 
 def score(learner, split, episodes, n_episodes: int, inner_steps: int, inner_lr, device, chunk: int) -> torch.Tensor:
     """Query accuracy of each stored episode after 0..inner_steps steps: (episodes, steps+1)."""
-    episodes = {**episodes, "n_episodes": min(n_episodes, episodes["n_episodes"])}
+    n = min(n_episodes, episodes["n_episodes"])
     rows = [learner.trajectory(*batch, inner_steps=inner_steps, metric=accuracy, inner_lr=inner_lr)
-            for batch in materialize(episodes, split, chunk=chunk, device=device)]
-    return torch.cat(rows)
+            for batch in materialize({**episodes, "n_episodes": n}, split, chunk=min(chunk, n), device=device)]
+    return torch.cat(rows)[:n]
 
 
 def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,

@@ -8,14 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from mamlbench import fewshot, sinusoid
-from mamlbench.config import fewshot_train, load_params
+from mamlbench.config import Params, fewshot_train, load_params
 from mamlbench.schema import to_dict
 from mamlbench.tracking import start_run
 from mamlbench.train import resolve_device
 
 
-def train_sinusoid(params_path: str | Path, kind: str, run_dir: str | Path, progress: bool = True) -> dict:
-    params = load_params(params_path)
+def _load(params: str | Path | Params) -> Params:
+    return params if isinstance(params, Params) else load_params(params)
+
+
+def train_sinusoid(params_path: str | Path | Params, kind: str, run_dir: str | Path, progress: bool = True) -> dict:
+    params = _load(params_path)
     if kind not in sinusoid.MODELS:
         raise ValueError(f"--model {kind!r}: must be one of {', '.join(sinusoid.MODELS)}")
     section = params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain
@@ -35,8 +39,8 @@ def train_sinusoid(params_path: str | Path, kind: str, run_dir: str | Path, prog
     return {"iterations": result.iterations, "resumed_from": result.resumed_from}
 
 
-def evaluate_sinusoid(params_path: str | Path, runs: dict[str, str | Path], out_dir: str | Path) -> dict:
-    params = load_params(params_path)
+def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Path], out_dir: str | Path) -> dict:
+    params = _load(params_path)
     paths = {name: Path(folder) / "model.pt" for name, folder in runs.items()}
     for name, path in paths.items():
         if not path.is_file():
@@ -58,9 +62,9 @@ def cell_name(algorithm: str, setting: str, seed: int) -> str:
     return f"{algorithm}-{setting}-seed{seed}"
 
 
-def train_fewshot(params_path: str | Path, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
+def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
                   prepared: str | Path, episodes_dir: str | Path, progress: bool = True) -> dict:
-    params = load_params(params_path)
+    params = _load(params_path)
     fewshot.check_cell(params, benchmark, algorithm, setting)
     cfg = fewshot_train(params, benchmark, algorithm, setting)
     checkpoints = fewshot.checkpointer(params, benchmark, algorithm, setting, run_dir)
@@ -85,9 +89,9 @@ def train_fewshot(params_path: str | Path, benchmark: str, algorithm: str, setti
     return {"iterations": result.iterations, "resumed_from": result.resumed_from, **result.last()}
 
 
-def evaluate_fewshot(params_path: str | Path, benchmark: str, algorithm: str, setting: str, run_dir: str | Path,
+def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path,
                      out_dir: str | Path, *, prepared: str | Path, episodes_dir: str | Path) -> dict:
-    params = load_params(params_path)
+    params = _load(params_path)
     fewshot.check_cell(params, benchmark, algorithm, setting)
     logged = {"seed": params.seed, "profile": params.profile, "algorithm": algorithm, "setting": setting,
               "evaluate": to_dict(getattr(params, benchmark).evaluate)}

@@ -235,3 +235,13 @@ def test_five_line_api_on_a_user_model_learns():
         opt.step()
         losses.append(out.loss.item())
     assert sum(losses[-50:]) / 50 < 0.6 * sum(losses[:50]) / 50
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_checkpointed_inner_steps_give_the_same_meta_gradient(first_order):
+    model, ref, batch = setup("conv")
+    _, plain = core_meta_grad(model, batch, 0.3, 3, "loop", first_order)
+    model.zero_grad(set_to_none=True)
+    out = MAML(model, inner_lr=0.3, inner_steps=3, strategy="loop", first_order=first_order, checkpointing=True)(*batch)
+    out.loss.backward()
+    assert rel_err([p.grad for p in model.parameters()], plain) < 1e-12

@@ -46,3 +46,30 @@ def test_cli_rejects_bad_params_in_one_line_before_work(tmp_path):
 def test_cli_help_answers():
     out = cli("train", "--help")
     assert "resuming" in out.stdout and "--params" in out.stdout
+
+
+def test_paper_profile_holds_the_papers_hyperparameters(tmp_path):
+    from mamlbench.config import fewshot_train
+    paper = load_params(ROOT / "params.yaml", profile="paper")
+    five = fewshot_train(paper, "omniglot", "maml", "5w1s")
+    assert (five.inner_lr, five.inner_steps, five.meta_batch_size, five.meta_lr, five.iterations) == (0.4, 1, 32, 1e-3, 60000)
+    twenty = fewshot_train(paper, "omniglot", "maml", "20w1s")
+    assert (twenty.inner_lr, twenty.inner_steps, twenty.meta_batch_size) == (0.1, 5, 16)
+    mini1, mini5 = (fewshot_train(paper, "mini_imagenet", "maml", s) for s in ("5w1s", "5w5s"))
+    assert (mini1.inner_lr, mini1.inner_steps, mini1.meta_batch_size, mini1.n_query) == (0.01, 5, 4, 15)
+    assert mini5.meta_batch_size == 2 and paper.mini_imagenet.evaluate.inner_steps == 10
+    assert paper.omniglot.evaluate.inner_steps == 10 and paper.omniglot.evaluate.n_episodes == 600
+    assert paper.sinusoid.train.iterations == 70000
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"variants": {"reptile": {"train": {"inner_lr": -1}}}}, "variants.reptile.train.inner_lr"),
+    ({"variants": {"mamlpp": {"options": {"lslrr": True}}}}, "variants.mamlpp.options.lslrr"),
+    ({"omniglot": {"run": {"settings": ["9w9s"]}}}, "omniglot.run.settings"),
+    ({"omniglot": {"settings": {"5w1s": {"n_way": 5, "k_shot": 1, "n_query": 15, "train": {"inner_steps": 0}}}}},
+     "omniglot.settings.5w1s.train.inner_steps"),
+    ({"omniglot": {"run": {"algorithms": ["maml", "protonet"]}}}, "omniglot.run.algorithms"),
+])
+def test_fewshot_keys_are_validated(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_params(write_params(tmp_path / "params.yaml", override))

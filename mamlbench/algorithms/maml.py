@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from mamlbench.algorithms.core import (
@@ -41,11 +42,16 @@ class MAML(nn.Module):
         strategy: "vmap" batches tasks; "loop" runs them one by one with a per-task backward (peak
             memory of one task); "auto" picks per device and model (`core.choose_strategy`).
         loss_fn: loss(outputs, targets) -> scalar, used on support and query sets.
+        checkpointing: recompute each inner step during the backward instead of keeping its
+            activations (loop strategy): memory flat in `inner_steps` for about one more forward
+            and backward per step, so 20+ second-order steps fit.
     """
+
+    checkpointing: bool = False
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, strategy: str = "auto",
-                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy):
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, checkpointing: bool = False):
         super().__init__()
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
@@ -53,6 +59,7 @@ class MAML(nn.Module):
             raise ValueError(f"strategy must be auto, vmap or loop, got {strategy!r}")
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.first_order, self.strategy, self.loss_fn = first_order, strategy, loss_fn
+        self.checkpointing = checkpointing
 
     # ---- what a variant may override -------------------------------------------------------
     def inner_lrs(self) -> LR:
@@ -82,10 +89,20 @@ class MAML(nn.Module):
         """
         fast = {k: v for k, v in params.items() if self.adapts(k)}
         support_loss = self.support_loss(params, buffers, support_x, support_y)
+
+        def step(lr: LR, *values: Tensor) -> tuple[Tensor, ...]:
+            grads, _ = inner_grads(support_loss, dict(zip(fast, values)), first_order=first_order, batched=batched)
+            return tuple(sgd_step(dict(zip(fast, values)), grads, lr).values())
+
+        recompute = self.checkpointing and not batched and torch.is_grad_enabled()
         yield params
         for s in range(n_steps):
-            grads, _ = inner_grads(support_loss, fast, first_order=first_order, batched=batched)
-            fast = sgd_step(fast, grads, self.inner_lr_at(s) if inner_lr is None else inner_lr)
+            lr = self.inner_lr_at(s) if inner_lr is None else inner_lr
+            if recompute:  # keep only theta_s; the step's activations are recomputed in the backward
+                values = torch.utils.checkpoint.checkpoint(step, lr, *fast.values(), use_reentrant=False)
+            else:
+                values = step(lr, *fast.values())
+            fast = dict(zip(fast, values))
             yield {**params, **fast}
 
     def adapt(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,

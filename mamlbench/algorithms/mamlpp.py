@@ -230,6 +230,8 @@ class MAMLPlusPlus(MAML):
 
     def steps(self, *args, **kwargs) -> Iterator[Params]:
         """`MAML.steps` with BatchNorm on slot s while theta_s is in use and while its gradient is taken."""
+        if self.checkpointing:  # a recomputed step would run on whichever slot is set at backward time
+            raise ValueError("checkpointing is not supported by mamlpp (its BatchNorm slot is set per step)")
         for s, params in enumerate(super().steps(*args, **kwargs)):
             for norm in self.norms:
                 norm.step = s
