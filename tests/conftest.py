@@ -28,6 +28,16 @@ def write_params(path: Path, overrides: dict | None = None, base: Path = ROOT / 
 
 
 @pytest.fixture
+def one_thread():
+    """Small policies: one torch thread is fastest, and several fight over the shared cores."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_sinusoid(tmp_path: Path) -> Path:
     """Params for a seconds-long sinusoid run, tracked in a fresh SQLite store under tmp_path."""
     return write_params(tmp_path / "params.yaml", {

@@ -7,13 +7,7 @@ import torch
 from mamlbench.rl.envs import UnknownEnvError, make_env, sample_tasks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small policies: one torch thread is fastest, and several fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_navigation_reward_clipping_and_termination():

@@ -16,13 +16,7 @@ from mamlbench.rl.train import train
 from mamlbench.rl.trpo import flat
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small policies: one torch thread is fastest, and several fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_linear_baseline_reduces_policy_gradient_variance():

@@ -11,13 +11,7 @@ from mamlbench.rl.sampler import Sampler
 from mamlbench.rl.trpo import conjugate_gradient, fisher_vector_product, flat, line_search
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small policies: one torch thread is fastest, and several fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_conjugate_gradient_solves_known_spd_system():
