@@ -29,6 +29,7 @@ AlgorithmOpt = typer.Option("maml", "--algorithm", "-a", help="Few-shot: maml, f
 SettingOpt = typer.Option("5w1s", "--setting", "-s", help="Few-shot: a key of <benchmark>.settings in params.")
 PreparedOpt = typer.Option(None, help="Few-shot: prepared data folder (default: data/prepared/<dataset>).")
 EpisodesOpt = typer.Option(None, "--episodes", help="Few-shot: fixed episodes folder (default: data/episodes/<dataset>).")
+SeedOpt = typer.Option(None, "--seed", help="Training seed in place of params' `seed` (DVC passes each of `seeds`).")
 
 
 def _check_benchmark(name: str) -> None:
@@ -49,13 +50,13 @@ def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_
           run_dir: Optional[Path] = typer.Option(None, help="Checkpoints and the model go here "
                                                             "(default: runs/<benchmark>/<model> or <algorithm>-<setting>)."),
           prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
-          progress: bool = typer.Option(True, help="Show a progress bar."),
+          progress: bool = typer.Option(True, help="Show a progress bar."), seed: Optional[int] = SeedOpt,
           ) -> None:
     """Meta-train, resuming from the newest checkpoint of the same configuration."""
     from mamlbench import runs
     from mamlbench.config import load_params
     _check_benchmark(benchmark)
-    params = load_params(params, profile)
+    params = load_params(params, profile, seed=seed)
     if benchmark == "sinusoid":
         out = runs.train_sinusoid(params, model, run_dir or Path("runs") / benchmark / model, progress=progress)
         label = model
@@ -77,12 +78,13 @@ def evaluate(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mi
                                                      "(default: runs/sinusoid); few-shot: the training run folder."),
              out: Optional[Path] = typer.Option(None, help="Where metrics.json and tables go (default: <runs>/eval)."),
              prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
+             seed: Optional[int] = SeedOpt,
              ) -> None:
     """Evaluate trained models on the fixed test tasks or episodes; print the table."""
     from mamlbench import runs
     from mamlbench.config import load_params
     _check_benchmark(benchmark)
-    params = load_params(params, profile)
+    params = load_params(params, profile, seed=seed)
     if benchmark == "sinusoid":
         runs_dir = runs_dir or Path("runs/sinusoid")
         metrics = runs.evaluate_sinusoid(params, {"maml": runs_dir / "maml", "pretrain": runs_dir / "pretrain"},
@@ -99,6 +101,60 @@ def evaluate(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mi
     steps = "  ".join(f"{s}: {100 * v['acc']:.1f}" for s, v in metrics["per_step"].items())
     typer.echo(f"{benchmark} {algorithm} {setting}: {100 * metrics['acc']:.2f}% ± {100 * metrics['ci95']:.2f} "
                f"({metrics['n_episodes']} episodes)\n  by inner step: {steps}")
+
+
+@app.command()
+def tune(benchmark: str = typer.Argument("omniglot", help="omniglot or mini_imagenet."),
+         params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+         algorithm: str = AlgorithmOpt, setting: str = SettingOpt, seed: Optional[int] = SeedOpt,
+         n_trials: Optional[int] = typer.Option(None, help="Trials this process runs [tune.n_trials]."),
+         n_jobs: Optional[int] = typer.Option(None, help="Threads running trials [tune.n_jobs]."),
+         iterations: Optional[int] = typer.Option(None, help="Meta-updates per trial [tune.iterations]."),
+         pruner: Optional[str] = typer.Option(None, help="median, hyperband or none [tune.pruner]."),
+         storage: Optional[str] = typer.Option(None, help="Optuna storage URL or journal:<file> [sqlite:///optuna.db]."),
+         study: Optional[str] = typer.Option(None, help="Study name [<benchmark>-<algorithm>-<setting>]."),
+         worker: int = typer.Option(0, help="This worker's index: workers sharing a study need distinct ones."),
+         out: Optional[Path] = typer.Option(None, help="Write best.json, trials.csv and a tuned params.yaml here."),
+         prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
+         ) -> None:
+    """Optuna study over the inner loop, maximising accuracy on the fixed validation episodes."""
+    from mamlbench.tune import tune as run_tune
+    prepared, episodes = _data_dirs(benchmark, prepared, episodes)
+    summary = run_tune(params, benchmark, algorithm, setting, prepared=prepared, episodes_dir=episodes, out=out,
+                       profile=profile, seed=seed, worker=worker,
+                       overrides=dict(n_trials=n_trials, n_jobs=n_jobs, iterations=iterations, pruner=pruner,
+                                      storage=storage, study=study))
+    states = ", ".join(f"{n} {k.lower()}" for k, n in summary["trials"].items() if n)
+    typer.echo(f"study {summary['study']}: {states}")
+    if summary["best_trial"] is not None:
+        typer.echo(f"best trial {summary['best_trial']}: validation accuracy {100 * summary['val_acc']:.2f}% with "
+                   + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in summary["params"].items()))
+
+
+@app.command()
+def report(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+           runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Run folders (runs/<benchmark>/...)."),
+           metrics: Path = typer.Option(Path("metrics"), help="RL metrics folder."),
+           out: Path = typer.Option(Path("reports"), help="README.md and figures/ go here."),
+           ) -> None:
+    """Tables (mean ± 95% CI, the paper's number, paired comparisons) and figures from the metrics files."""
+    from mamlbench.config import load_params
+    from mamlbench.report import build_report
+    written = build_report(load_params(params, profile), runs_dir, metrics, out)
+    typer.echo(f"wrote {len(written)} files to {out}")
+
+
+@app.command()
+def compare(a: Path = typer.Argument(..., help="An evaluation folder (holding per_episode.csv)."),
+            b: Path = typer.Argument(..., help="Another, evaluated on the same episodes."),
+            ) -> None:
+    """Paired difference of accuracy (a - b) on the same test episodes, with its 95% CI."""
+    from mamlbench.report import paired_files
+    d = paired_files(a, b)
+    typer.echo(f"{a}: {100 * d['a']:.2f}%   {b}: {100 * d['b']:.2f}%   ({d['n']} episodes, final inner step)\n"
+               f"a - b = {100 * d['diff']:+.2f} ± {100 * d['ci95']:.2f} points (paired 95% CI); "
+               f"a better on {d['a_wins']}, b on {d['b_wins']}, ties {d['ties']}")
 
 
 @app.command("check-params")

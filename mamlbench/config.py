@@ -7,6 +7,7 @@ dotted keys, applied on top of the sections before validation. Switch with
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,15 @@ from mamlbench.rl.params import RLParams
 from mamlbench.schema import ConfigError, build, knob, section, to_dict
 
 Strategy = Literal["auto", "vmap", "loop"]
+
+
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(device: str, where: str) -> None:
+    """Reject a device name torch would only refuse once training has started."""
+    if not DEVICE.match(device):
+        raise ConfigError(f"{where}.device = {device!r}: must be auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,9 @@ class MetaTrainParams:
     log_every: int = knob(50, "Log training metrics every this many meta-updates.", ge=1)
     device: str = knob("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
 
+    def validate(self, where: str) -> None:
+        check_device(self.device, where)
+
 
 @dataclass(frozen=True)
 class PretrainParams:
@@ -62,6 +75,9 @@ class PretrainParams:
     checkpoint_every: int = knob(500, "Checkpoint period.", ge=1)
     log_every: int = knob(50, "Logging period.", ge=1)
     device: str = knob("auto", "auto, cpu, cuda or cuda:N.")
+
+    def validate(self, where: str) -> None:
+        check_device(self.device, where)
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,9 @@ class FewShotTrainParams:
     checkpoint_every: int = knob(100, "Resumable checkpoint period.", ge=1)
     log_every: int = knob(20, "Logging period.", ge=1)
     device: str = knob("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
+
+    def validate(self, where: str) -> None:
+        check_device(self.device, where)
 
 
 @dataclass(frozen=True)
@@ -180,8 +199,53 @@ class VariantsParams:
 
 
 @dataclass(frozen=True)
+class TuneSpace:
+    """The search space of `mamlbench tune`; a cell's variant decides which knobs apply."""
+    inner_lr: list[float] = knob([0.03, 1.0], "Inner step size: [low, high], sampled log-uniform.", gt=0)
+    inner_steps: list[int] = knob([1, 3], "Inner steps in meta-training: [low, high].", ge=1)
+    eval_steps: list[int] = knob([1, 10], "Inner steps at validation and test time: [low, high].", ge=0)
+    metasgd_init_inner_lr: list[float] = knob([0.03, 1.0], "Meta-SGD: initial learned rates, log-uniform.", gt=0)
+    mamlpp_flags: list[str] = knob(["multi_step_loss", "lslr", "derivative_order_annealing"],
+                                   "MAML++: options each trial turns on or off.",
+                                   choices=["multi_step_loss", "derivative_order_annealing", "per_step_bn_stats",
+                                            "per_step_bn_weights", "lslr", "cosine_annealing"])
+
+    def validate(self, where: str) -> None:
+        for name in ("inner_lr", "inner_steps", "eval_steps", "metasgd_init_inner_lr"):
+            bounds = getattr(self, name)
+            if len(bounds) != 2 or bounds[0] > bounds[1]:
+                raise ConfigError(f"{where}.{name} = {bounds!r}: expected [low, high] with low <= high")
+
+
+@dataclass(frozen=True)
+class TuneCell:
+    benchmark: Literal["omniglot", "mini_imagenet"] = knob("omniglot", "Few-shot benchmark.")
+    algorithm: str = knob("maml", "Variant.", choices=["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"])
+    setting: str = knob("5w1s", "A key of <benchmark>.settings.")
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    """Optuna study over a cell's inner loop, maximising accuracy on the fixed validation episodes."""
+    cells: list[TuneCell] = knob([], "Cells the `tune` stage tunes (empty: the stage is off).")
+    n_trials: int = knob(20, "Trials per process; more processes on one storage share the study.", ge=1)
+    n_jobs: int = knob(1, "Threads per process running trials.", ge=1)
+    iterations: int = knob(60, "Meta-updates per trial.", ge=1)
+    validate_every: int = knob(15, "Report validation accuracy to the pruner every this many meta-updates.", ge=1)
+    n_val_episodes: int = knob(100, "Fixed validation episodes scored.", ge=1)
+    pruner: Literal["median", "hyperband", "none"] = knob("median", "Stops poor trials on intermediate validation.")
+    n_startup_trials: int = knob(5, "Trials sampled at random (and never pruned) before TPE and pruning act.", ge=0)
+    sampler_seed: int = knob(0, "Seed of the TPE sampler (worker k uses a seed derived from it and k).", ge=0)
+    storage: str | None = knob(None, "null: sqlite:///optuna.db; an Optuna RDB URL; or journal:<file>.")
+    study: str | None = knob(None, "Study name; null: <benchmark>-<algorithm>-<setting>.")
+    space: TuneSpace = section(TuneSpace)
+
+
+@dataclass(frozen=True)
 class Params:
-    seed: int = knob(0, "Fixes tasks, episodes and initial weights.", ge=0)
+    seed: int = knob(0, "Fixes tasks, episodes and initial weights (`--seed` on the command line wins).", ge=0)
+    seeds: list[int] = knob([0], "Training seeds the pipeline runs: one cell per benchmark x variant x setting x seed.",
+                            ge=0)
     profile: str = knob("quick", "Which entry of `profiles` to apply.")
     profiles: dict[str, Any] = knob({}, "Named budget overrides, as dotted keys.")
     tracking: TrackingParams = section(TrackingParams)
@@ -191,11 +255,40 @@ class Params:
     variants: VariantsParams = section(VariantsParams)
     data: DataParams = section(DataParams)
     rl: RLParams = section(RLParams)
+    tune: TuneParams = section(TuneParams)
 
     def validate(self, where: str = "") -> None:
         defaults = to_dict(FewShotTrainParams())
         for name in ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"):
             build(FewShotTrainParams, {**defaults, **getattr(self.variants, name).train}, f"variants.{name}.train")
+        for benchmark in FEWSHOT:
+            self._check_cells(benchmark)
+        for i, cell in enumerate(self.tune.cells):
+            if cell.setting not in getattr(self, cell.benchmark).settings:
+                raise ConfigError(f"tune.cells[{i}].setting = {cell.setting!r}: not a key of {cell.benchmark}.settings "
+                                  f"(have: {', '.join(getattr(self, cell.benchmark).settings) or 'none'})")
+
+    def _check_cells(self, benchmark: str) -> None:
+        """Cells must be drawable from the dataset: K plus the queries of training (any variant's) and
+        evaluation <= the images of a class, and, for the cells the pipeline or `tune` trains, N <= the
+        classes of the meta-train split (the evaluation splits are checked with `data.*.episodes`)."""
+        from mamlbench.data.params import OMNIGLOT_DRAWERS, _full
+        from mamlbench.data.splits import RAVI_PER_CLASS, RAVI_SIZES
+        bench = getattr(self, benchmark)
+        if benchmark == "omniglot":
+            data = self.data.omniglot
+            n_train, per_class = (data.split_sizes()["train"] if _full(data.archives) else None), OMNIGLOT_DRAWERS
+        else:
+            n_train, per_class = RAVI_SIZES["train"], RAVI_PER_CLASS
+        trained = set(bench.run.settings) | {c.setting for c in self.tune.cells if c.benchmark == benchmark}
+        for name, cell in bench.settings.items():
+            where = f"{benchmark}.settings.{name}"
+            if name in trained and n_train is not None and cell.n_way > n_train:
+                raise ConfigError(f"{where}.n_way = {cell.n_way}: more than the {n_train} classes of split 'train'")
+            n_query = max([cell.n_query] + [fewshot_train(self, benchmark, a, name).n_query
+                                            for a in ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")])
+            if cell.k_shot + n_query > per_class:
+                raise ConfigError(f"{where}: k_shot + n_query = {cell.k_shot} + {n_query} > {per_class} images per class")
 
 
 FEWSHOT = ("omniglot", "mini_imagenet")
@@ -206,6 +299,10 @@ def fewshot_train(params: Params, benchmark: str, algorithm: str, setting: str) 
     bench: FewShotParams = getattr(params, benchmark)
     merged = {**to_dict(bench.train), **bench.settings[setting].train, **getattr(params.variants, algorithm).train}
     return build(FewShotTrainParams, merged, f"{benchmark}.{setting}+variants.{algorithm}.train")
+
+
+# Keys dvc.yaml's matrix/foreach read from params.yaml itself: a profile's value would go unseen by DVC.
+PIPELINE_SHAPE = ("seeds", "omniglot.run", "mini_imagenet.run", "rl.envs", "tune.cells", "data.opt_in")
 
 
 def apply_profile(raw: dict) -> dict:
@@ -231,20 +328,29 @@ def apply_profile(raw: dict) -> dict:
     merged: dict = {}
     for profile in reversed(chain):
         merged.update({k: v for k, v in (profiles[profile] or {}).items() if k != "extends"})
-    for dotted, value in merged.items():
+    for key in merged:
+        if str(key).startswith(PIPELINE_SHAPE):
+            raise ConfigError(f"profiles.{name}.{key}: DVC expands the pipeline from params.yaml as written, so this "
+                              f"key cannot come from a profile; set it in its section (dvc exp run -S {key}=...)")
+    return apply_overrides(raw, merged, f"profiles.{name}")
+
+
+def apply_overrides(raw: dict, dotted: dict[str, Any], where: str = "overrides") -> dict:
+    """Set dotted keys (`omniglot.train.inner_lr: 0.1`) in the raw mapping `raw`, in place; return it."""
+    for key, value in dotted.items():
         node = raw
-        parts = str(dotted).split(".")
+        parts = str(key).split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"profiles.{name}.{dotted}: '{part}' is not a section")
+                raise ConfigError(f"{where}.{key}: '{part}' is not a section")
             node = child
         node[parts[-1]] = value
     return raw
 
 
-def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
-    """Read, apply the profile (`profile` overrides the file's), validate; `ConfigError` on bad input."""
+def read_raw(path: str | Path) -> dict:
+    """The params file as a plain mapping (no profile applied); `ConfigError` when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
@@ -256,6 +362,24 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None, seed: int | None = None,
+                overrides: dict[str, Any] | None = None) -> Params:
+    """Read, apply the profile (`profile` overrides the file's), then `seed` and dotted `overrides`
+    (e.g. a tuning trial's), validate; `ConfigError` on bad input."""
+    raw = read_raw(path)
     if profile is not None:
         raw["profile"] = profile
-    return build(Params, apply_profile(raw))
+    raw = apply_profile(raw)
+    if seed is not None:
+        raw["seed"] = seed
+    return build(Params, apply_overrides(raw, overrides or {}))
+
+
+def with_seed(params: Params, seed: int | None) -> Params:
+    """`params` with `seed` in place of params.seed (None: unchanged)."""
+    if seed is None or seed == params.seed:
+        return params
+    return build(Params, {**to_dict(params), "seed": seed})

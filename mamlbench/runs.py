@@ -8,18 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from mamlbench import fewshot, sinusoid
-from mamlbench.config import Params, fewshot_train, load_params
+from mamlbench.config import Params, fewshot_train, load_params, with_seed
 from mamlbench.schema import to_dict
 from mamlbench.tracking import start_run
 from mamlbench.train import resolve_device
 
 
-def _load(params: str | Path | Params) -> Params:
-    return params if isinstance(params, Params) else load_params(params)
+def _load(params: str | Path | Params, seed: int | None = None) -> Params:
+    """Params from a file or as given, with `seed` (the CLI's `--seed`, a DVC seed cell) in place of params.seed."""
+    return with_seed(params if isinstance(params, Params) else load_params(params), seed)
 
 
-def train_sinusoid(params_path: str | Path | Params, kind: str, run_dir: str | Path, progress: bool = True) -> dict:
-    params = _load(params_path)
+def train_sinusoid(params_path: str | Path | Params, kind: str, run_dir: str | Path, progress: bool = True,
+                   seed: int | None = None) -> dict:
+    params = _load(params_path, seed)
     if kind not in sinusoid.MODELS:
         raise ValueError(f"--model {kind!r}: must be one of {', '.join(sinusoid.MODELS)}")
     section = params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain
@@ -39,8 +41,9 @@ def train_sinusoid(params_path: str | Path | Params, kind: str, run_dir: str | P
     return {"iterations": result.iterations, "resumed_from": result.resumed_from}
 
 
-def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Path], out_dir: str | Path) -> dict:
-    params = _load(params_path)
+def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Path], out_dir: str | Path,
+                      seed: int | None = None) -> dict:
+    params = _load(params_path, seed)
     paths = {name: Path(folder) / "model.pt" for name, folder in runs.items()}
     for name, path in paths.items():
         if not path.is_file():
@@ -63,8 +66,8 @@ def cell_name(algorithm: str, setting: str, seed: int) -> str:
 
 
 def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
-                  prepared: str | Path, episodes_dir: str | Path, progress: bool = True) -> dict:
-    params = _load(params_path)
+                  prepared: str | Path, episodes_dir: str | Path, progress: bool = True, seed: int | None = None) -> dict:
+    params = _load(params_path, seed)
     fewshot.check_cell(params, benchmark, algorithm, setting)
     cfg = fewshot_train(params, benchmark, algorithm, setting)
     checkpoints = fewshot.checkpointer(params, benchmark, algorithm, setting, run_dir)
@@ -90,8 +93,9 @@ def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: s
 
 
 def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path,
-                     out_dir: str | Path, *, prepared: str | Path, episodes_dir: str | Path) -> dict:
-    params = _load(params_path)
+                     out_dir: str | Path, *, prepared: str | Path, episodes_dir: str | Path,
+                     seed: int | None = None) -> dict:
+    params = _load(params_path, seed)
     fewshot.check_cell(params, benchmark, algorithm, setting)
     logged = {"seed": params.seed, "profile": params.profile, "algorithm": algorithm, "setting": setting,
               "evaluate": to_dict(getattr(params, benchmark).evaluate)}

@@ -83,14 +83,8 @@ def _experiment_id(client, name: str, uri: str, root: Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-@contextlib.contextmanager
-def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | None = None,
-              tags: dict[str, Any] | None = None, log_params: dict[str, Any] | None = None,
-              root: str | Path = ".") -> Iterator[Tracker]:
-    """Open (or reopen, given `run_id`) an MLflow run; end it FINISHED, FAILED or KILLED."""
-    if not params.tracking.enabled:
-        yield Tracker()
-        return
+def experiment(params: Params, benchmark: str, root: str | Path = "."):
+    """(MlflowClient, experiment id) of `benchmark`'s experiment in the configured store, created if new."""
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -99,7 +93,22 @@ def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | No
     root = Path(root)
     uri = tracking_uri(params, root)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment_id(client, f"{params.tracking.experiment_prefix}-{benchmark}", uri, root)
+    return client, _experiment_id(client, f"{params.tracking.experiment_prefix}-{benchmark}", uri, root)
+
+
+@contextlib.contextmanager
+def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | None = None,
+              tags: dict[str, Any] | None = None, log_params: dict[str, Any] | None = None,
+              root: str | Path = ".", parent_run_id: str | None = None) -> Iterator[Tracker]:
+    """Open (or reopen, given `run_id`) an MLflow run; end it FINISHED, FAILED or KILLED.
+
+    `parent_run_id` nests the run under another (the MLflow UI shows tuning trials under their study).
+    """
+    if not params.tracking.enabled:
+        yield Tracker()
+        return
+    root = Path(root)
+    client, experiment_id = experiment(params, benchmark, root)
     if run_id is not None:
         try:
             client.get_run(run_id)
@@ -118,6 +127,8 @@ def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | No
         for var, tag in (("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_experiment")):
             if os.environ.get(var):
                 base[tag] = os.environ[var]
+        if parent_run_id:
+            base["mlflow.parentRunId"] = parent_run_id
         tracker.set_tags({**base, **(tags or {})})
         yield tracker
     except KeyboardInterrupt:

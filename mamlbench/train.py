@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mamlbench.io import load_torch, save_torch, write_text
+from mamlbench.io import fault_point, load_torch, remove_stale_temps, save_torch, write_text
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -43,7 +44,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Checkpointer:
-    """Numbered checkpoints in `folder`; keeps the newest `keep`, falls back past unreadable ones."""
+    """Numbered checkpoints in `folder`; keeps the newest `keep`, falls back past unreadable ones.
+
+    Each file carries a sha256 trailer (`mamlbench.io.save_torch`): a checkpoint that is cut short
+    or has a flipped byte anywhere fails the check, is reported on stderr and skipped, so training
+    resumes from the previous good one. Temporary files (a writer killed mid-write) never match
+    `ckpt-XXXXXXXX.pt`, so they are never read, and `discard_foreign` removes them.
+    """
 
     def __init__(self, folder: str | Path, run_fingerprint: str, keep: int = 2):
         self.folder, self.run_fingerprint, self.keep = Path(folder), run_fingerprint, keep
@@ -53,27 +60,36 @@ class Checkpointer:
             return []
         return sorted(p for p in self.folder.iterdir() if CKPT.match(p.name))
 
+    def _load(self, path: Path) -> dict | None:
+        """The checkpoint at `path` when it passes the sha256 check and loads; None (and a warning) if not."""
+        try:
+            state = load_torch(path, require_digest=True)
+        except Exception as err:  # cut, corrupted, or a pickle weights_only refuses
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            print(f"warning: skipping unreadable checkpoint {path}: {type(err).__name__}: {reason}", file=sys.stderr)
+            return None
+        return state if isinstance(state, dict) else None
+
     def latest(self) -> dict | None:
-        """The newest checkpoint of this run that loads and is complete; None if there is none."""
+        """The newest checkpoint of this run that passes its check and loads; None if there is none."""
         for path in reversed(self.paths()):
-            try:
-                state = load_torch(path)
-            except Exception as err:  # truncated or corrupted file: fall back to the previous one
-                print(f"warning: skipping unreadable checkpoint {path}: {type(err).__name__}: {err}")
-                continue
-            if not isinstance(state, dict) or state.get("fingerprint") != self.run_fingerprint:
-                continue
-            return state
+            state = self._load(path)
+            if state is not None and state.get("fingerprint") == self.run_fingerprint:
+                return state
         return None
 
     def discard_foreign(self) -> None:
-        """Remove checkpoints of another configuration, so they can never be resumed by mistake."""
+        """Before a run writes here: remove checkpoints of another configuration, so they can never be
+        resumed by mistake, and temporary files left by a killed writer. Unreadable checkpoints are
+        kept (and skipped by `latest`) for inspection until the run overwrites or prunes them."""
+        if self.folder.is_dir():
+            remove_stale_temps(self.folder)
         for path in self.paths():
             try:
-                same = load_torch(path).get("fingerprint") == self.run_fingerprint
+                fingerprint_ = load_torch(path, require_digest=True).get("fingerprint")
             except Exception:
-                same = False
-            if not same:
+                continue
+            if fingerprint_ != self.run_fingerprint:
                 path.unlink()
 
     def save(self, state: dict) -> Path:
@@ -81,7 +97,16 @@ class Checkpointer:
         save_torch(path, {**state, "fingerprint": self.run_fingerprint})
         for old in self.paths()[:-self.keep]:
             old.unlink(missing_ok=True)
+        fault_point("after-prune", path)
         return path
+
+
+def _finite_state(module: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or inf; None when all are finite."""
+    for name, value in module.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 @dataclass
@@ -137,6 +162,11 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
     extra = extra if extra is not None else {}
 
     def snapshot(iteration: int) -> None:
+        bad = _finite_state(learner)
+        if bad is not None:  # finite metrics, but the update that followed them was not: keep the last good file
+            raise TrainingDiverged(
+                f"{config.describe}: parameter {bad} is not finite after iteration {iteration - 1}"
+                + (f" ({config.setting})" if config.setting else "") + "; the last good checkpoint is kept")
         checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
                            "optimizer": optimizer.state_dict(), "history": history, "extra": extra})
 

@@ -73,3 +73,18 @@ def test_paper_profile_holds_the_papers_hyperparameters(tmp_path):
 def test_fewshot_keys_are_validated(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_params(write_params(tmp_path / "params.yaml", override))
+
+
+def test_profile_may_not_change_the_pipeline_shape(tmp_path):
+    """DVC expands the matrix from params.yaml as written: a profile's `seeds` would go unseen."""
+    path = write_params(tmp_path / "params.yaml", {"profiles": {"quick": {"seeds": [0, 1]}}})
+    with pytest.raises(ConfigError, match="profiles.quick.seeds: DVC expands the pipeline"):
+        load_params(path)
+
+
+def test_seed_and_overrides_win_over_the_file(tmp_path):
+    path = write_params(tmp_path / "params.yaml", {"seed": 0, "seeds": [0, 3]})
+    params = load_params(path, seed=3, overrides={"variants.maml.train.inner_lr": 0.2})
+    assert params.seed == 3 and params.seeds == [0, 3] and params.variants.maml.train["inner_lr"] == 0.2
+    with pytest.raises(ConfigError, match="seeds"):
+        load_params(write_params(tmp_path / "bad.yaml", {"seeds": [-1]}))

@@ -61,11 +61,11 @@ def test_dvc_repro_sinusoid_end_to_end(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     log = _dvc(repo, "repro", "sinusoid-evaluate")
-    assert "sinusoid-train@maml" in log and "sinusoid-evaluate" in log
+    assert "sinusoid-train@maml-0" in log and "sinusoid-evaluate@0" in log
     metrics = json.loads(_dvc(repo, "metrics", "show", "--json", stdout_only=True))
     flat = json.dumps(metrics)
-    assert "runs/sinusoid/eval/metrics.json" in flat and "runs/sinusoid/maml/train.json" in flat
-    evaluation = json.loads((repo / "runs/sinusoid/eval/metrics.json").read_text())
+    assert "runs/sinusoid/seed0/eval/metrics.json" in flat and "runs/sinusoid/seed0/maml/train.json" in flat
+    evaluation = json.loads((repo / "runs/sinusoid/seed0/eval/metrics.json").read_text())
     assert evaluation["maml"]["k10"]["step1"]["mse"] > 0
 
     import mlflow
@@ -81,5 +81,66 @@ def test_dvc_repro_sinusoid_end_to_end(tmp_path):
     params["sinusoid"]["evaluate"]["n_tasks"] = 50
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _dvc(repo, "repro", "sinusoid-evaluate")
-    assert "Running stage 'sinusoid-evaluate'" in changed
+    assert "Running stage 'sinusoid-evaluate@0'" in changed
     assert "Running stage 'sinusoid-train" not in changed
+
+
+TINY = {  # every benchmark, seconds each: the pipeline's plumbing, not its numbers
+    "sinusoid.train.iterations": 40, "sinusoid.train.checkpoint_every": 20, "sinusoid.train.log_every": 10,
+    "sinusoid.pretrain.iterations": 40, "sinusoid.pretrain.checkpoint_every": 20, "sinusoid.pretrain.log_every": 10,
+    "omniglot.hidden": 8, "omniglot.train.iterations": 6, "omniglot.train.meta_batch_size": 2,
+    "omniglot.train.validate_every": 3, "omniglot.train.n_val_episodes": 10, "omniglot.train.log_every": 3,
+    "omniglot.evaluate.inner_steps": 2, "omniglot.evaluate.n_episodes": 20, "omniglot.evaluate.chunk": 20,
+    "variants.mamlpp.train.iterations": 6, "variants.mamlpp.options.multi_step_loss_iterations": 3,
+    "variants.mamlpp.options.first_order_iterations": 3,
+    "rl.navigation.iterations": 2, "rl.navigation.pretrain_iterations": 2, "rl.navigation.meta_batch_size": 2,
+    "rl.navigation.n_episodes": 2, "rl.navigation.horizon": 10, "rl.navigation.evaluate.n_tasks": 2,
+    "rl.navigation.evaluate.n_episodes": 2, "rl.navigation.evaluate.trace_episodes": 1,
+}
+
+
+@pytest.mark.slow
+def test_dvc_repro_tiny_profile_download_to_report(tmp_path, monkeypatch):
+    """download -> prepare -> episodize -> train -> evaluate -> report, for every benchmark and two seeds."""
+    from conftest import MIRROR
+    if not (MIRROR / "omniglot").is_dir():
+        pytest.skip(f"no data mirror at {MIRROR}")
+    monkeypatch.setenv("MAMLBENCH_DATA_MIRROR", str(MIRROR))
+    repo = _clone(tmp_path)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profile"] = "tiny"
+    params["profiles"]["tiny"] = dict(TINY)
+    params["seeds"] = [0, 1]
+    params["omniglot"]["run"]["algorithms"] = ["maml", "anil"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    log = _dvc(repo, "repro")
+    for stage in ("download-omniglot", "episodize-omniglot", "sinusoid-evaluate@1", "omniglot-train@maml-5w1s-1",
+                  "omniglot-evaluate@anil-5w1s-0", "rl-evaluate@navigation-1", "report"):
+        assert f"Running stage '{stage}'" in log, stage
+    metrics = json.dumps(json.loads(_dvc(repo, "metrics", "show", "--json", stdout_only=True)))
+    for algorithm in ("maml", "anil"):
+        for seed in (0, 1):
+            assert f"runs/omniglot/{algorithm}-5w1s-seed{seed}/eval/metrics.json" in metrics
+    assert "runs/sinusoid/seed1/eval/metrics.json" in metrics and "metrics/rl_navigation_seed0_evaluate.json" in metrics
+    report = (repo / "reports" / "README.md").read_text()
+    assert "| maml | 5w1s |" in report and "| anil | 5w1s | mean of 2 |" in report and "### navigation" in report
+    figures = {p.name for p in (repo / "reports" / "figures").iterdir()}
+    assert {"omniglot_5w1s_curves.png", "sinusoid_mse_steps.png", "rl_navigation_return_steps.png"} <= figures
+    ignored = subprocess.run(["git", "check-ignore", "-q", "reports/README.md"], cwd=repo).returncode
+    assert ignored == 1, "git, not DVC, keeps the report"
+    import mlflow
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    names = {r.info.run_name for r in client.search_runs([client.get_experiment_by_name("mamlbench-omniglot").experiment_id])}
+    assert {"maml-5w1s-seed0", "anil-5w1s-seed1", "evaluate-maml-5w1s-seed1"} <= names
+
+    snapshot = report
+    again = _dvc(repo, "repro")
+    assert "Running stage" not in again
+    assert (repo / "reports" / "README.md").read_text() == snapshot
+
+    params["sinusoid"]["evaluate"]["n_tasks"] = 40
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _dvc(repo, "repro")
+    ran = sorted(re.findall(r"Running stage '([^']+)'", changed))
+    assert ran == ["report", "sinusoid-evaluate@0", "sinusoid-evaluate@1"], ran

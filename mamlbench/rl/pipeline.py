@@ -22,8 +22,8 @@ MODELS = ("maml", "pretrained")
 Progress = Callable[[str, int, int], None]   # (label, done, total)
 
 
-def _setup(params_path: str | Path, env: str) -> tuple[Params, RLEnvParams]:
-    params = load_params(params_path)
+def _setup(params_path: str | Path, env: str, seed: int | None = None) -> tuple[Params, RLEnvParams]:
+    params = load_params(params_path, seed=seed)
     p = params.rl.env(env)
     torch.set_num_threads(params.rl.threads)
     return params, p
@@ -34,14 +34,14 @@ def _logged(params: Params, env: str, p: RLEnvParams) -> dict:
 
 
 def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_path: str | Path,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, seed: int | None = None) -> dict:
     """Meta-train MAML-TRPO and the pretrained baseline on `env` into out_dir/{maml,pretrained}/.
 
     Each is its own MLflow run (`<env>__<model>__seed<seed>`), reopened when resuming. Writes the
     last iteration's metrics of both to `metrics_path`.
     """
     from mamlbench.rl.train import checkpoint_extra, train
-    params, p = _setup(params_path, env)
+    params, p = _setup(params_path, env, seed)
     summary = {}
     for model in MODELS:
         run_dir = Path(out_dir) / model
@@ -60,7 +60,7 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
 
 
 def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metrics_path: str | Path,
-                 plots_dir: str | Path) -> dict:
+                 plots_dir: str | Path, seed: int | None = None) -> dict:
     """Adaptation returns of meta-trained, pretrained and random policies on the fixed test tasks.
 
     Writes the per-step means and 95% CIs to `metrics_path`, every per-task return to
@@ -70,7 +70,7 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
     from mamlbench.rl.evaluate import evaluate, plot_adaptation, plot_navigation_trace
     from mamlbench.rl.maml_trpo import make_policy
     from mamlbench.rl.train import load_policy
-    params, p = _setup(params_path, env)
+    params, p = _setup(params_path, env, seed)
     policies = {m: load_policy(Path(runs_dir) / m / "policy.pt") for m in MODELS}
     probe = policies["maml"]
     policies["random"] = make_policy(probe.mu[0].in_features, probe.log_std.numel(), p.hidden, params.seed)

@@ -1,0 +1,361 @@
+"""The report: `reports/README.md` and `reports/figures/*.png` from the pipeline's metrics files.
+
+One table per benchmark (variant x setting: mean and 95% CI, the paper's number beside it and the
+difference), paired comparisons of every variant against MAML on the same test episodes, the mean
+over seeds and its spread, and figures (learning curves, accuracy vs inner steps, sinusoid fits and
+MSE vs steps, RL return vs inner steps). Only the cells `params.yaml` names are read; the output
+depends on nothing else (no timestamps, fixed order, PNGs without metadata), so re-running it on
+unchanged inputs rewrites the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mamlbench.config import Params, fewshot_train
+from mamlbench.io import atomic_path, write_text
+
+# Published accuracies (%, ± 95% CI where given) on the benchmarks' own protocols.
+# Omniglot and mini-ImageNet: Finn et al. 2017 table 1 (MAML, "first order approx."); Nichol et al.
+# 2018 table 1/2 (Reptile, transductive as our BatchNorm is); Li et al. 2017 table 1 (Meta-SGD);
+# Antoniou et al. 2019 tables 1/2 (MAML++); Raghu et al. 2020 table 2 (ANIL, mini-ImageNet).
+PAPER: dict[str, dict[tuple[str, str], tuple[float, float | None]]] = {
+    "omniglot": {
+        ("maml", "5w1s"): (98.7, 0.4), ("maml", "5w5s"): (99.9, 0.1),
+        ("maml", "20w1s"): (95.8, 0.3), ("maml", "20w5s"): (98.9, 0.2),
+        ("fomaml", "5w1s"): (98.3, 0.5), ("fomaml", "5w5s"): (99.2, 0.2),
+        ("fomaml", "20w1s"): (89.4, 0.5), ("fomaml", "20w5s"): (97.9, 0.1),
+        ("reptile", "5w1s"): (97.68, 0.04), ("reptile", "5w5s"): (99.48, 0.06),
+        ("reptile", "20w1s"): (89.43, 0.14), ("reptile", "20w5s"): (97.12, 0.32),
+        ("metasgd", "5w1s"): (99.53, 0.26), ("metasgd", "5w5s"): (99.93, 0.09),
+        ("metasgd", "20w1s"): (95.93, 0.38), ("metasgd", "20w5s"): (98.97, 0.19),
+        ("mamlpp", "5w1s"): (99.47, None), ("mamlpp", "5w5s"): (99.93, None),
+        ("mamlpp", "20w1s"): (97.65, 0.05), ("mamlpp", "20w5s"): (99.33, 0.03),
+    },
+    "mini_imagenet": {
+        ("maml", "5w1s"): (48.70, 1.84), ("maml", "5w5s"): (63.11, 0.92),
+        ("fomaml", "5w1s"): (48.07, 1.75), ("fomaml", "5w5s"): (63.15, 0.91),
+        ("reptile", "5w1s"): (49.97, 0.32), ("reptile", "5w5s"): (65.99, 0.58),
+        ("metasgd", "5w1s"): (50.47, 1.87), ("metasgd", "5w5s"): (64.03, 0.94),
+        ("mamlpp", "5w1s"): (52.15, 0.26), ("mamlpp", "5w5s"): (68.32, 0.44),
+        ("anil", "5w1s"): (46.7, 0.4), ("anil", "5w5s"): (61.5, 0.5),
+    },
+}
+BASELINE = "maml"   # paired comparisons are against this variant
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% CI (1.96 sd / sqrt(n)); CI 0 for a single value."""
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        return float(values.mean()), 0.0
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def seeds_ci95(means) -> tuple[float, float]:
+    """Mean over seeds and the t-based 95% CI of that mean (few seeds: the normal one is too narrow)."""
+    means = np.asarray(means, dtype=float)
+    if means.size < 2:
+        return float(means.mean()), float("nan")
+    from scipy import stats
+    return float(means.mean()), float(stats.t.ppf(0.975, means.size - 1) * means.std(ddof=1) / math.sqrt(means.size))
+
+
+def paired(a, b) -> dict:
+    """Paired difference a - b over the same episodes: mean, 95% CI, and who wins how often."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same episodes: {a.size} vs {b.size} values")
+    diff, ci = mean_ci95(a - b)
+    return {"a": float(a.mean()), "b": float(b.mean()), "diff": diff, "ci95": ci, "n": int(a.size),
+            "a_wins": int((a > b).sum()), "b_wins": int((a < b).sum()), "ties": int((a == b).sum())}
+
+
+def final_step(per_episode: pd.DataFrame) -> pd.Series:
+    """Accuracy per episode after the last inner step, indexed by episode."""
+    last = per_episode["inner_steps"].max()
+    return per_episode[per_episode["inner_steps"] == last].set_index("episode")["acc"].sort_index()
+
+
+def paired_files(a: str | Path, b: str | Path) -> dict:
+    """`paired` on two evaluation folders' per_episode.csv (final inner step)."""
+    fa, fb = (final_step(pd.read_csv(Path(x) / "per_episode.csv")) for x in (a, b))
+    if not fa.index.equals(fb.index):
+        raise ValueError(f"{a} and {b} were not evaluated on the same episodes")
+    return paired(fa.to_numpy(), fb.to_numpy())
+
+
+# ----------------------------------------------------------------------------- formatting
+def pct(value: float, ci: float | None = None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    text = f"{100 * value:.{digits}f}"
+    return text if ci is None or math.isnan(ci) else f"{text} ± {100 * ci:.{digits}f}"
+
+
+def table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub markdown table (strings as they are)."""
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def save_figure(fig, path: Path) -> None:
+    """PNG without metadata (no version string, no date): same data, same bytes."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"figure.figsize": (6.4, 4.0), "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+    return plt
+
+
+# ----------------------------------------------------------------------------- few-shot
+def fewshot_cells(params: Params, benchmark: str, runs: Path) -> pd.DataFrame:
+    """One row per (variant, setting, seed) that the params name and that has been evaluated."""
+    bench = getattr(params, benchmark)
+    rows = []
+    for setting in bench.run.settings:
+        for algorithm in bench.run.algorithms:
+            for seed in params.seeds:
+                folder = runs / benchmark / f"{algorithm}-{setting}-seed{seed}"
+                metrics = folder / "eval" / "metrics.json"
+                if not metrics.is_file():
+                    continue
+                m = json.loads(metrics.read_text())
+                rows.append({"algorithm": algorithm, "setting": setting, "seed": seed, "acc": m["acc"],
+                             "ci95": m["ci95"], "n_episodes": m["n_episodes"], "folder": folder,
+                             "iterations": fewshot_train(params, benchmark, algorithm, setting).iterations})
+    return pd.DataFrame(rows)
+
+
+def fewshot_table(cells: pd.DataFrame, benchmark: str) -> pd.DataFrame:
+    rows = []
+    for (algorithm, setting), group in cells.groupby(["algorithm", "setting"], sort=False):
+        if len(group) == 1:
+            acc, ci = group["acc"].iloc[0], group["ci95"].iloc[0]
+            spread = "—"
+        else:
+            acc, ci = seeds_ci95(group["acc"])
+            spread = f"{100 * group['acc'].std(ddof=1):.2f} ({pct(group['acc'].min())}–{pct(group['acc'].max())})"
+        paper = PAPER.get(benchmark, {}).get((algorithm, setting))
+        rows.append({"variant": algorithm, "setting": setting, "iterations": int(group["iterations"].iloc[0]),
+                     "seeds": len(group), "episodes": int(group["n_episodes"].iloc[0]),
+                     "accuracy % (95% CI)": pct(acc, ci), "sd over seeds": spread,
+                     "paper %": "—" if paper is None else (f"{paper[0]:.2f}" + (f" ± {paper[1]:.2f}" if paper[1] else "")),
+                     "ours − paper": "—" if paper is None else f"{100 * acc - paper[0]:+.2f}"})
+    return pd.DataFrame(rows)
+
+
+def paired_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Each variant against MAML on the same episodes, per seed and (several seeds) their mean."""
+    rows = []
+    for setting, in_setting in cells.groupby("setting", sort=False):
+        base = in_setting[in_setting["algorithm"] == BASELINE].set_index("seed")
+        for algorithm, group in in_setting.groupby("algorithm", sort=False):
+            if algorithm == BASELINE:
+                continue
+            diffs = []
+            for row in group.itertuples():
+                if row.seed not in base.index:
+                    continue
+                d = paired_files(row.folder / "eval", base.loc[row.seed, "folder"] / "eval")
+                diffs.append(d["diff"])
+                rows.append({"variant − maml": algorithm, "setting": setting, "seed": str(row.seed),
+                             "difference, points (95% CI)": pct(d["diff"], d["ci95"]),
+                             "variant / maml / tie (episodes)": f"{d['a_wins']} / {d['b_wins']} / {d['ties']}"})
+            if len(diffs) > 1:
+                mean, ci = seeds_ci95(diffs)
+                rows.append({"variant − maml": algorithm, "setting": setting, "seed": f"mean of {len(diffs)}",
+                             "difference, points (95% CI)": pct(mean, ci), "variant / maml / tie (episodes)": "—"})
+    return pd.DataFrame(rows)
+
+
+def plot_curves(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots()
+    for i, ((algorithm, seed), group) in enumerate(cells[cells["setting"] == setting].groupby(["algorithm", "seed"],
+                                                                                              sort=False)):
+        curve = pd.read_csv(group["folder"].iloc[0] / "curve.csv")
+        color = f"C{list(dict.fromkeys(cells['algorithm'])).index(algorithm)}"
+        val = curve.dropna(subset=["meta_val/query_acc"]) if "meta_val/query_acc" in curve else curve.iloc[:0]
+        label = algorithm if seed == cells["seed"].min() else None
+        ax.plot(val["iteration"], 100 * val["meta_val/query_acc"], "o-", color=color, label=label, ms=3)
+        train = curve.dropna(subset=["meta_train/query_acc"])
+        ax.plot(train["iteration"], 100 * train["meta_train/query_acc"].rolling(5, min_periods=1).mean(),
+                color=color, alpha=0.3, lw=1)
+    ax.set(xlabel="meta-update", ylabel="query accuracy %",
+           title=f"{benchmark} {setting}: validation (dots) and meta-training (faint) accuracy")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_steps(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots()
+    for algorithm, group in cells[cells["setting"] == setting].groupby("algorithm", sort=False):
+        steps = pd.concat([pd.read_csv(f / "eval" / "steps.csv") for f in group["folder"]])
+        mean = steps.groupby("inner_steps")["acc"].mean()
+        ci = steps.groupby("inner_steps")["ci95"].mean()
+        ax.plot(mean.index, 100 * mean, "o-", label=algorithm, ms=3)
+        ax.fill_between(mean.index, 100 * (mean - ci), 100 * (mean + ci), alpha=0.2)
+    ax.set(xlabel="inner steps at test time", ylabel="test accuracy %", title=f"{benchmark} {setting}: accuracy vs inner steps")
+    _integer_ticks(ax)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -> list[str]:
+    title = {"omniglot": "Omniglot", "mini_imagenet": "mini-ImageNet"}[benchmark]
+    cells = fewshot_cells(params, benchmark, runs)
+    lines = [f"## {title}", ""]
+    if cells.empty:
+        papers = PAPER.get(benchmark, {})
+        lines += ["Not run with these params" + (" (opt in: `data.opt_in`)." if benchmark == "mini_imagenet" else "."),
+                  "Published: " + "; ".join(f"{a} {s} {v[0]}" for (a, s), v in papers.items()) + ".", ""]
+        return lines
+    lines += [f"Test accuracy after {getattr(params, benchmark).evaluate.inner_steps} inner steps on the fixed test "
+              "episodes (best-on-validation checkpoint). One seed: 95% CI over episodes; several: the mean over "
+              "seeds with a t 95% CI over seeds, and their sd (min–max).", "", table(fewshot_table(cells, benchmark)), ""]
+    comparison = paired_table(cells)
+    if not comparison.empty:
+        lines += ["Paired against MAML on the same test episodes (difference of per-episode accuracy, final step):",
+                  "", table(comparison), ""]
+    for setting in dict.fromkeys(cells["setting"]):
+        for kind, plot in (("curves", plot_curves), ("steps", plot_steps)):
+            name = f"{benchmark}_{setting}_{kind}.png"
+            plot(cells, benchmark, setting, figures / name)
+            lines.append(f"![{benchmark} {setting} {kind}](figures/{name})")
+        lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------- sinusoid
+def sinusoid_section(params: Params, runs: Path, figures: Path) -> list[str]:
+    folders = [(seed, runs / "sinusoid" / f"seed{seed}" / "eval") for seed in params.seeds]
+    folders = [(s, f) for s, f in folders if (f / "metrics.json").is_file()]
+    lines = ["## Sinusoid regression", ""]
+    if not folders:
+        return lines + ["Not run with these params.", ""]
+    tasks = pd.concat([pd.read_csv(f / "per_task.csv").assign(seed=s) for s, f in folders])
+    rows = []
+    for (k, steps), group in tasks.groupby(["k_shot", "inner_steps"]):
+        row = {"K": int(k), "inner steps": int(steps)}
+        for model in ("maml", "pretrain"):
+            by_seed = [mean_ci95(g["mse"]) for _, g in group[group["model"] == model].groupby("seed")]
+            mean, ci = by_seed[0] if len(by_seed) == 1 else seeds_ci95([m for m, _ in by_seed])
+            row[f"{model} MSE (95% CI)"] = f"{mean:.3f} ± {ci:.3f}"
+        diffs = []
+        for _, g in group.groupby("seed"):
+            wide = g.pivot(index="task", columns="model", values="mse")
+            diffs.append(paired(wide["maml"], wide["pretrain"]))
+        d = diffs[0] if len(diffs) == 1 else dict(zip(("diff", "ci95"), seeds_ci95([x["diff"] for x in diffs])))
+        row["maml − pretrain, paired"] = f"{d['diff']:+.3f} ± {d['ci95']:.3f}"
+        rows.append(row)
+    lines += [f"Query MSE on {params.sinusoid.evaluate.n_tasks} fixed test tasks after K-shot adaptation with "
+              f"step size {params.sinusoid.evaluate.inner_lr} (seeds: {', '.join(str(s) for s, _ in folders)}). "
+              "The paper shows this as figures 2–3 only (no table): MAML keeps improving past one step, the "
+              "pretrained baseline barely moves.", "", table(pd.DataFrame(rows)), ""]
+    plt = _plt()
+    fig, axes = plt.subplots(1, tasks["k_shot"].nunique(), figsize=(9, 3.2), sharey=True)
+    for ax, (k, group) in zip(np.atleast_1d(axes), tasks.groupby("k_shot")):
+        for model, style in (("maml", "o-"), ("pretrain", "s--")):
+            mse = group[group["model"] == model].groupby("inner_steps")["mse"]
+            ax.errorbar(mse.mean().index, mse.mean(), yerr=1.96 * mse.std() / np.sqrt(mse.count()), fmt=style,
+                        label=model, ms=3, capsize=2)
+        ax.set(title=f"K = {k}", xlabel="inner steps", yscale="log")
+        _integer_ticks(ax)
+    np.atleast_1d(axes)[0].set_ylabel("query MSE")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    save_figure(fig, figures / "sinusoid_mse_steps.png")
+    lines.append("![sinusoid MSE vs steps](figures/sinusoid_mse_steps.png)")
+    if (folders[0][1] / "fits.png").is_file():
+        shutil.copyfile(folders[0][1] / "fits.png", figures / "sinusoid_fits.png")
+        lines.append(f"![sinusoid fits, seed {folders[0][0]}](figures/sinusoid_fits.png)")
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- RL
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def rl_section(params: Params, metrics: Path, figures: Path) -> list[str]:
+    lines = ["## Meta-RL (MAML-TRPO)", ""]
+    found = False
+    for env in params.rl.envs:
+        runs = [(s, metrics / f"rl_{env}_seed{s}_evaluate.json") for s in params.seeds]
+        runs = [(s, json.loads(p.read_text())) for s, p in runs if p.is_file()]
+        if not runs:
+            continue
+        found = True
+        policies = list(runs[0][1])
+        steps = sorted({int(k.split("_")[1]) for m in runs[0][1].values() for k in m})
+        rows = []
+        for policy in policies:
+            row = {"policy": policy}
+            for step in steps:
+                values = [r[policy][f"step_{step}"] for _, r in runs]
+                if len(values) == 1:
+                    row[_steps(step)] = f"{values[0]['mean']:.2f} ± {values[0]['ci95']:.2f}"
+                else:
+                    mean, ci = seeds_ci95([v["mean"] for v in values])
+                    row[_steps(step)] = f"{mean:.2f} ± {ci:.2f}"
+            rows.append(row)
+        lines += [f"### {env}", "", f"Average return after 0..{steps[-1]} policy-gradient steps on the fixed test "
+                  f"tasks (95% CI; seeds {', '.join(str(s) for s, _ in runs)}). The paper reports these as "
+                  "figures 4–5 (no table): paper value —.", "", table(pd.DataFrame(rows)), ""]
+        plt = _plt()
+        fig, ax = plt.subplots()
+        for policy in policies:
+            mean = np.array([np.mean([r[policy][f"step_{s}"]["mean"] for _, r in runs]) for s in steps])
+            ci = np.array([np.mean([r[policy][f"step_{s}"]["ci95"] for _, r in runs]) for s in steps])
+            ax.plot(steps, mean, "o-", label=policy, ms=3)
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+        ax.set(xlabel="policy-gradient steps at test time", ylabel="average return", title=f"{env}: return vs steps")
+        ax.set_xticks(steps)
+        ax.legend(fontsize=8)
+        save_figure(fig, figures / f"rl_{env}_return_steps.png")
+        lines += [f"![{env} return vs steps](figures/rl_{env}_return_steps.png)", ""]
+    return lines if found else lines + ["Not run with these params.", ""]
+
+
+# ----------------------------------------------------------------------------- the report
+def build_report(params: Params, runs: str | Path, metrics: str | Path, out: str | Path) -> list[Path]:
+    """Write out/README.md and out/figures/*.png; return what was written."""
+    runs, metrics, out = Path(runs), Path(metrics), Path(out)
+    figures = out / "figures"
+    if figures.exists():   # only this run's figures: a dropped cell leaves no stale image behind
+        shutil.rmtree(figures)
+    figures.mkdir(parents=True)
+    lines = ["# mamlbench report", "",
+             f"Generated by `mamlbench report` (the DVC `report` stage) from the metrics files; profile "
+             f"`{params.profile}`, seeds {params.seeds}. Accuracies in %; `±` is a 95% confidence interval. "
+             "Paper numbers: Finn et al. 2017 (MAML, first-order MAML), Nichol et al. 2018 (Reptile, "
+             "transductive), Li et al. 2017 (Meta-SGD), Antoniou et al. 2019 (MAML++), Raghu et al. 2020 "
+             "(ANIL); — where the paper gives none for that cell. Budgets of a short profile are far below the "
+             "papers' (60 000 meta-updates), so differences to the paper measure the budget, not the method.", ""]
+    lines += sinusoid_section(params, runs, figures)
+    lines += fewshot_section(params, "omniglot", runs, figures)
+    lines += fewshot_section(params, "mini_imagenet", runs, figures)
+    lines += rl_section(params, metrics, figures)
+    write_text(out / "README.md", "\n".join(lines).rstrip() + "\n")
+    return [out / "README.md", *sorted(figures.iterdir())]

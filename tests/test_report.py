@@ -1,0 +1,102 @@
+"""The report on metrics files the test writes: tables with CIs and the paper's numbers, paired
+comparisons with known differences, the mean over seeds, and byte-identical output on a re-run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_params
+from mamlbench.config import load_params
+from mamlbench.report import build_report, paired, paired_files
+
+
+def _fewshot_cell(folder: Path, acc: np.ndarray, steps: int = 2) -> None:
+    """A cell's eval files: per-episode accuracy `acc` at the last step, lower before."""
+    (folder / "eval").mkdir(parents=True)
+    rows = ["episode,inner_steps,acc"] + [f"{e},{s},{a * (s + 1) / (steps + 1):.6g}" for e, a in enumerate(acc)
+                                          for s in range(steps + 1)]
+    (folder / "eval" / "per_episode.csv").write_text("\n".join(rows) + "\n")
+    ci = 1.96 * acc.std(ddof=1) / np.sqrt(acc.size)
+    (folder / "eval" / "metrics.json").write_text(json.dumps({"acc": float(acc.mean()), "ci95": float(ci),
+                                                               "n_episodes": int(acc.size)}))
+    (folder / "eval" / "steps.csv").write_text("inner_steps,acc,ci95\n" + "".join(
+        f"{s},{acc.mean() * (s + 1) / (steps + 1):.6g},{ci:.6g}\n" for s in range(steps + 1)))
+    (folder / "curve.csv").write_text("iteration,meta_train/query_loss,meta_train/query_acc,meta_val/query_acc\n"
+                                      "10,1.0,0.5,\n20,0.8,0.6,0.55\n30,0.6,0.7,\n40,0.5,0.8,0.7\n")
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> tuple[Path, Path]:
+    params = write_params(tmp_path / "params.yaml", {
+        "seeds": [0, 1],
+        "omniglot": {"run": {"algorithms": ["maml", "anil"], "settings": ["5w1s"]}},
+        "rl": {"envs": ["navigation"]}})
+    g = np.random.default_rng(0)
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        base = g.choice([0.6, 0.8, 1.0], size=50)
+        _fewshot_cell(runs / "omniglot" / f"maml-5w1s-seed{seed}", base)
+        _fewshot_cell(runs / "omniglot" / f"anil-5w1s-seed{seed}", base - 0.1 * (seed + 1))  # anil: -10, -20 points
+        ev = runs / "sinusoid" / f"seed{seed}" / "eval"
+        ev.mkdir(parents=True)
+        (ev / "metrics.json").write_text("{}")
+        lines = ["model,k_shot,inner_steps,task,mse"]
+        for model, scale in (("maml", 0.5), ("pretrain", 2.0)):
+            lines += [f"{model},{k},{s},{t},{scale * (1 + t % 3) / (s + 1):.6g}" for k in (5, 10) for s in (0, 1)
+                      for t in range(20)]
+        (ev / "per_task.csv").write_text("\n".join(lines) + "\n")
+        rl = {p: {f"step_{s}": {"mean": -40.0 + (10 * s if p == "maml" else s) + seed, "ci95": 2.0} for s in range(4)}
+              for p in ("maml", "pretrained", "random")}
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / f"rl_navigation_seed{seed}_evaluate.json").write_text(json.dumps(rl))
+    return tmp_path, params
+
+
+def test_paired_difference_and_ci():
+    a, b = np.array([1.0, 0.8, 0.6, 1.0]), np.array([0.8, 0.8, 0.4, 0.6])
+    d = paired(a, b)
+    diff = a - b
+    assert d["diff"] == pytest.approx(diff.mean())
+    assert d["ci95"] == pytest.approx(1.96 * diff.std(ddof=1) / 2)
+    assert (d["a_wins"], d["b_wins"], d["ties"]) == (3, 0, 1)
+    with pytest.raises(ValueError, match="same episodes"):
+        paired(a, b[:3])
+
+
+def test_report_tables_paired_comparisons_and_determinism(synthetic):
+    root, params_path = synthetic
+    params = load_params(params_path)
+    written = build_report(params, root / "runs", root / "metrics", root / "reports")
+    text = (root / "reports" / "README.md").read_text()
+    # one table per benchmark, the paper's number beside ours and the difference
+    for heading in ("## Sinusoid regression", "## Omniglot", "## mini-ImageNet", "### navigation"):
+        assert heading in text
+    maml_row = next(line for line in text.splitlines() if line.startswith("| maml | 5w1s"))
+    assert "98.70 ± 0.40" in maml_row and "| 2 |" in maml_row          # paper number, two seeds
+    assert "| anil | 5w1s" in text and "| — | — |" in text.split("| anil | 5w1s")[1].splitlines()[0]
+    # paired against MAML on the same episodes: exactly -10 and -20 points, mean -15
+    assert "| anil | 5w1s | 0 | -10.00 ± 0.00 | 0 / 50 / 0 |" in text
+    assert "| anil | 5w1s | 1 | -20.00 ± 0.00 | 0 / 50 / 0 |" in text
+    assert "| anil | 5w1s | mean of 2 | -15.00 ±" in text
+    # the sinusoid's paired MSE difference: maml is 4x smaller on every task
+    assert "maml − pretrain, paired" in text
+    figures = sorted(p.name for p in (root / "reports" / "figures").iterdir())
+    assert figures == ["omniglot_5w1s_curves.png", "omniglot_5w1s_steps.png", "rl_navigation_return_steps.png",
+                       "sinusoid_mse_steps.png"]
+    before = {p: p.read_bytes() for p in written}
+    again = build_report(params, root / "runs", root / "metrics", root / "reports")
+    assert again == written and all(p.read_bytes() == before[p] for p in again)
+
+
+def test_paired_files_refuses_different_episodes(synthetic):
+    root, _ = synthetic
+    a = root / "runs" / "omniglot" / "maml-5w1s-seed0" / "eval"
+    short = root / "short"
+    short.mkdir()
+    (short / "per_episode.csv").write_text("episode,inner_steps,acc\n0,0,1\n")
+    assert paired_files(a, a)["diff"] == 0
+    with pytest.raises(ValueError, match="same episodes"):
+        paired_files(a, short)
