@@ -22,7 +22,8 @@ from mamlbench.data.sampler import EpisodeSampler
 from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
 from mamlbench.schema import to_dict
-from mamlbench.train import Checkpointer, LoopConfig, LoopResult, fingerprint, resolve_device, run_loop, write_curve
+from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
+                             write_curve)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -118,15 +119,10 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         if hasattr(learner, "generator"):
             learner.generator = rng.generator(params.seed, f"{benchmark}-inner", iteration)
         sampler.generator.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-train", iteration))
-        support_x, support_y, query_x, query_y = sampler.sample(cfg.meta_batch_size)  # (tasks, N*K|N*Q, C, H, W)
-        out = learner(support_x, support_y, query_x, query_y)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip)
-        optimizer.step()
+        batch = sampler.sample(cfg.meta_batch_size)  # support_x (tasks, N*K, C, H, W), support_y, query_x, query_y
+        out = meta_update(learner, optimizer, batch, cfg.grad_clip)
         metrics = {"meta_train/query_loss": out.loss.item(),
-                   "meta_train/query_acc": accuracy(out.query_outputs, query_y).mean().item()}
+                   "meta_train/query_acc": accuracy(out.query_outputs, batch.query_y).mean().item()}
         done = iteration + 1
         if done % cfg.validate_every == 0 or done == cfg.iterations:
             val = score(learner, val_split, val_episodes, cfg.n_val_episodes, evaluate_cfg.inner_steps,

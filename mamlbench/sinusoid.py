@@ -19,7 +19,8 @@ from mamlbench.data.sinusoid import fixed_test_tasks, sample_points, sample_task
 from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.mlp import MLP
 from mamlbench.schema import to_dict
-from mamlbench.train import Checkpointer, LoopConfig, LoopResult, fingerprint, resolve_device, run_loop, write_curve
+from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
+                             write_curve)
 
 MODELS = ("maml", "pretrain")
 
@@ -59,14 +60,9 @@ def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict 
 
         def step(iteration: int) -> dict[str, float]:
             generator = rng.generator(params.seed, "sinusoid-train", iteration)
-            support_x, support_y, query_x, query_y = (t.to(device) for t in task_batch(
-                cfg.meta_batch_size, cfg.k_shot, cfg.k_query, generator))  # (tasks, K, 1) each
-            out = learner(support_x, support_y, query_x, query_y)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip)
-            optimizer.step()
+            batch = [t.to(device) for t in task_batch(cfg.meta_batch_size, cfg.k_shot, cfg.k_query,
+                                                      generator)]  # support_x, support_y, query_x, query_y: (tasks, K, 1)
+            out = meta_update(learner, optimizer, batch, cfg.grad_clip)
             return {"meta_train/query_loss": out.loss.item()}
 
         setting = f"inner_lr={cfg.inner_lr}, meta_lr={cfg.meta_lr}, inner_steps={cfg.inner_steps}"

@@ -109,6 +109,17 @@ def _finite_state(module: nn.Module) -> str | None:
     return None
 
 
+def meta_update(learner: nn.Module, optimizer: torch.optim.Optimizer, batch, grad_clip: float | None):
+    """One meta-update on a batch of tasks: adapt, back-propagate the mean query loss, step."""
+    out = learner(*batch)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(learner.parameters(), grad_clip)
+    optimizer.step()
+    return out
+
+
 @dataclass
 class LoopConfig:
     iterations: int
