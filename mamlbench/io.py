@@ -157,8 +157,9 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file read in chunks (md5 for archive checksums, sha256 elsewhere)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)

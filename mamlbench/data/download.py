@@ -18,7 +18,6 @@ only finds the user's copy (pickled caches or the original JPEGs) and records wh
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -33,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from mamlbench.data.errors import DataError
-from mamlbench.io import write_json
+from mamlbench.io import file_digest, write_json
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{name}.zip"
 # The official archives' md5s, as torchvision.datasets.Omniglot lists them.
@@ -71,14 +70,6 @@ def resolve_mirror(setting: str, root: str | os.PathLike = ".") -> Path | None:
     return path
 
 
-def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_md5sums(folder: Path) -> dict[str, str]:
     """`md5sum -c` format: '<md5>  <name>' per line (a '*' before the name marks binary mode)."""
     path = folder / "MD5SUMS"
@@ -93,7 +84,7 @@ def read_md5sums(folder: Path) -> dict[str, str]:
 
 
 def _verify(path: Path, expected: str, name: str) -> None:
-    actual = md5_file(path)
+    actual = file_digest(path, "md5")
     if actual != expected:
         path.unlink(missing_ok=True)
         raise DataError(f"{name}: md5 mismatch (expected {expected}, got {actual}); the file was deleted")
@@ -229,7 +220,7 @@ def download_omniglot(out_dir: str | os.PathLike, archives: list[str], mirror: P
             expected = sums[f"{name}.zip"]
         else:
             expected = sums[name]
-        if not (zip_path.is_file() and md5_file(zip_path) == expected):
+        if not (zip_path.is_file() and file_digest(zip_path, "md5") == expected):
             if mirror is not None:
                 copy_from_mirror(mirror / "omniglot" / f"{name}.zip", zip_path, expected)
             else:
