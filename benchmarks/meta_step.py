@@ -3,6 +3,10 @@
     python benchmarks/meta_step.py                 # both workloads, CPU (or CUDA when present)
     python benchmarks/meta_step.py --workload omniglot --iters 5 --device cuda
 
+Variants: the plain loop (baseline), the core's `loop`, `auto`, `vmap` and `compiled` (the
+task-batched meta-step under torch.compile, mamlbench/algorithms/fast.py); the speed-up column is
+each one's ratio against the plain loop.
+
 Workloads: Omniglot-shaped (5-way 1-shot, 28x28x1, 15 queries per class, conv4 = 4 x [3x3 conv 64,
 BatchNorm, ReLU, 2x2 max-pool] + linear head, meta-batch 32, 1 inner step, second order) and the
 sinusoid (MLP 1-40-40-1, K=10, meta-batch 25). Every variant gets the same inputs in the same
@@ -68,8 +72,12 @@ def plain_loop_step(model: nn.Module, loss_fn, inner_lr: float, batch) -> float:
 
 
 def core_step(strategy: str):
+    learners: dict[int, MAML] = {}  # one learner per model: the compiled path compiles once per learner
+
     def step(model, loss_fn, inner_lr, batch) -> float:
-        out = MAML(model, inner_lr=inner_lr, inner_steps=1, strategy=strategy, loss_fn=loss_fn)(*batch)
+        if id(model) not in learners:
+            learners[id(model)] = MAML(model, inner_lr=inner_lr, inner_steps=1, strategy=strategy, loss_fn=loss_fn)
+        out = learners[id(model)](*batch)
         out.loss.backward()
         return out.loss.item()
     return step
@@ -152,6 +160,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="timed meta-iterations per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default="", help="comma-separated words picking variants (loop, auto, "
+                        "vmap, compiled); default: all")
+    parser.add_argument("--no-compiled", action="store_true", help="skip the compiled path (its compilation "
+                        "takes a minute or more on a CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     names = ["omniglot", "sinusoid"] if args.workload == "both" else [args.workload]
@@ -161,6 +173,17 @@ def main() -> None:
         auto = MAML(model, strategy="auto").resolve_strategy(device)
         variants = {"plain loop (baseline)": plain_loop_step, "core loop": core_step("loop"),
                     f"core auto (= {auto})": core_step("auto"), "core vmap": core_step("vmap")}
+        if not args.no_compiled:
+            variants["core compiled"] = core_step("compiled")
+        if args.variants:  # e.g. --variants plain,compiled: the baseline is always kept
+            keep = args.variants.split(",")
+            variants = {k: v for k, v in variants.items() if k.startswith("plain") or any(w in k for w in keep)}
+        if "core compiled" in variants:
+            # The first call compiles (Inductor): time it apart, so the warm-up rounds are steady state.
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            variants["core compiled"](model, loss_fn, inner_lr, batch)
+            print(f"\n{name}: compiled path's first call (compilation) {time.perf_counter() - t0:.1f} s")
         iters = args.iters * (20 if name == "sinusoid" else 1)
         print(f"\n{name}: median of {iters} meta-iterations (round-robin) after {args.warmup} warm-up")
         print(f"{'variant':24s} {'s/iter':>10s} {'speed-up':>9s} {'peak MiB':>9s} {'mem ratio':>9s}")

@@ -52,8 +52,9 @@ def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_
           prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
           progress: bool = typer.Option(True, help="Show a progress bar."), seed: Optional[int] = SeedOpt,
           ) -> None:
-    """Meta-train, resuming from the newest checkpoint of the same configuration."""
-    from mamlbench import runs
+    """Meta-train, resuming from the newest checkpoint of the same configuration; under torchrun,
+    one process per device, each on a slice of every meta-batch."""
+    from mamlbench import distributed, runs
     from mamlbench.config import load_params
     _check_benchmark(benchmark)
     params = load_params(params, profile, seed=seed)
@@ -66,8 +67,9 @@ def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_
         out = runs.train_fewshot(params, benchmark, algorithm, setting,
                                  run_dir or Path("runs") / benchmark / f"{algorithm}-{setting}",
                                  prepared=prepared, episodes_dir=episodes, progress=progress)
-    typer.echo(f"trained {benchmark} {label}: {out['iterations']} iterations"
-               + (f" (resumed at {out['resumed_from']})" if out["resumed_from"] else ""))
+    if distributed.is_main():  # under torchrun, one line for the run, not one per process
+        typer.echo(f"trained {benchmark} {label}: {out['iterations']} iterations"
+                   + (f" (resumed at {out['resumed_from']})" if out["resumed_from"] else ""))
 
 
 @app.command()
@@ -108,6 +110,8 @@ def tune(benchmark: str = typer.Argument("omniglot", help="omniglot or mini_imag
          params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
          algorithm: str = AlgorithmOpt, setting: str = SettingOpt, seed: Optional[int] = SeedOpt,
          n_trials: Optional[int] = typer.Option(None, help="Trials this process runs [tune.n_trials]."),
+         total_trials: Optional[int] = typer.Option(None, help="Finished trials the whole study needs, whichever "
+                                                               "workers run them [tune.total_trials]."),
          n_jobs: Optional[int] = typer.Option(None, help="Threads running trials [tune.n_jobs]."),
          iterations: Optional[int] = typer.Option(None, help="Meta-updates per trial [tune.iterations]."),
          pruner: Optional[str] = typer.Option(None, help="median, hyperband or none [tune.pruner]."),
@@ -122,7 +126,7 @@ def tune(benchmark: str = typer.Argument("omniglot", help="omniglot or mini_imag
     prepared, episodes = _data_dirs(benchmark, prepared, episodes)
     summary = run_tune(params, benchmark, algorithm, setting, prepared=prepared, episodes_dir=episodes, out=out,
                        profile=profile, seed=seed, worker=worker,
-                       overrides=dict(n_trials=n_trials, n_jobs=n_jobs, iterations=iterations, pruner=pruner,
+                       overrides=dict(n_trials=n_trials, total_trials=total_trials, n_jobs=n_jobs, iterations=iterations, pruner=pruner,
                                       storage=storage, study=study))
     states = ", ".join(f"{n} {k.lower()}" for k, n in summary["trials"].items() if n)
     typer.echo(f"study {summary['study']}: {states}")
@@ -135,13 +139,12 @@ def tune(benchmark: str = typer.Argument("omniglot", help="omniglot or mini_imag
 @app.command()
 def report(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
            runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Run folders (runs/<benchmark>/...)."),
-           metrics: Path = typer.Option(Path("metrics"), help="RL metrics folder."),
            out: Path = typer.Option(Path("reports"), help="README.md and figures/ go here."),
            ) -> None:
     """Tables (mean ± 95% CI, the paper's number, paired comparisons) and figures from the metrics files."""
     from mamlbench.config import load_params
     from mamlbench.report import build_report
-    written = build_report(load_params(params, profile), runs_dir, metrics, out)
+    written = build_report(load_params(params, profile), runs_dir, out)
     typer.echo(f"wrote {len(written)} files to {out}")
 
 

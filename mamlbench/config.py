@@ -24,7 +24,10 @@ from mamlbench.data.params import DataParams
 from mamlbench.rl.params import RLParams
 from mamlbench.schema import ConfigError, build, knob, section, to_dict
 
-Strategy = Literal["auto", "vmap", "loop"]
+Strategy = Literal["auto", "vmap", "loop", "compiled"]
+Precision = Literal["fp32", "bf16"]
+PRECISION_HELP = ("fp32, or bf16: autocast of the inner loop and query pass. Off by default: the conv net's bf16 "
+                  "meta-gradient is 25-60% off fp32 (under the meta-batch's sampling noise; tests/test_precision.py).")
 
 
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -48,7 +51,8 @@ class TrackingParams:
 class MetaTrainParams:
     """Meta-training of a MAML-family learner."""
     algorithm: Literal["maml", "fomaml"] = knob("maml", "maml: second order; fomaml: first-order approximation.")
-    strategy: Strategy = knob("auto", "How tasks are batched: vmap, a per-task loop, or auto (per device and model).")
+    strategy: Strategy = knob("auto", "How tasks are batched: vmap, a per-task loop, compiled (vmap under "
+                                      "torch.compile), or auto (per device and model: compiled on CUDA).")
     inner_lr: float = knob(0.01, "Step size alpha of the inner SGD steps.", gt=0)
     inner_steps: int = knob(1, "Inner SGD steps on each task's support set during meta-training.", ge=1)
     meta_batch_size: int = knob(25, "Tasks per meta-update.", ge=1)
@@ -57,6 +61,7 @@ class MetaTrainParams:
     k_shot: int = knob(10, "Support examples per task (K).", ge=1)
     k_query: int = knob(10, "Query examples per task.", ge=1)
     grad_clip: float | None = knob(None, "Clip the meta-gradient's global norm to this; null: no clipping.", gt=0)
+    precision: Precision = knob("fp32", PRECISION_HELP)
     checkpoint_every: int = knob(500, "Write a resumable checkpoint every this many meta-updates.", ge=1)
     log_every: int = knob(50, "Log training metrics every this many meta-updates.", ge=1)
     device: str = knob("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
@@ -108,8 +113,10 @@ class FewShotTrainParams:
     iterations: int = knob(60000, "Meta-updates.", ge=1)
     n_query: int = knob(15, "Query images per class in training episodes.", ge=1)
     grad_clip: float | None = knob(None, "Clip the meta-gradient's global norm; null: no clipping.", gt=0)
-    strategy: Strategy = knob("auto", "vmap, loop, or auto (per device and model).")
+    strategy: Strategy = knob("auto", "vmap, loop, compiled (vmap under torch.compile; maml, fomaml, anil, metasgd), "
+                                          "or auto (per device and model: compiled on CUDA).")
     checkpointing: bool = knob(False, "Recompute each inner step in the backward: memory flat in inner_steps.")
+    precision: Precision = knob("fp32", PRECISION_HELP)
     validate_every: int = knob(500, "Validate on the fixed validation episodes every this many meta-updates.", ge=1)
     n_val_episodes: int = knob(100, "How many of the fixed validation episodes to use.", ge=1)
     checkpoint_every: int = knob(100, "Resumable checkpoint period.", ge=1)
@@ -238,7 +245,20 @@ class TuneParams:
     sampler_seed: int = knob(0, "Seed of the TPE sampler (worker k uses a seed derived from it and k).", ge=0)
     storage: str | None = knob(None, "null: sqlite:///optuna.db; an Optuna RDB URL; or journal:<file>.")
     study: str | None = knob(None, "Study name; null: <benchmark>-<algorithm>-<setting>.")
+    total_trials: int | None = knob(None, "Study-wide budget: workers run trials until this many are COMPLETE "
+                                          "or PRUNED, taking over a dead worker's share; null: n_trials per "
+                                          "process.", ge=1)
+    heartbeat_interval: int | None = knob(10, "Seconds between a running trial's heartbeats; null: off (a killed "
+                                              "worker's trial then stays RUNNING forever).", ge=1)
+    grace_period: int | None = knob(60, "Seconds without a heartbeat before another worker fails the trial; "
+                                        "null: 2 x heartbeat_interval.", ge=1)
+    max_retry: int = knob(1, "Times a trial whose worker died is re-queued with the same settings; 0: never.", ge=0)
     space: TuneSpace = section(TuneSpace)
+
+    def validate(self, where: str) -> None:
+        if self.heartbeat_interval and self.grace_period and self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(f"{where}.grace_period = {self.grace_period}: must exceed heartbeat_interval "
+                              f"({self.heartbeat_interval}), else live trials look dead between heartbeats")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import rng
+from mamlbench import distributed, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotTrainParams, Params, fewshot_train
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
@@ -54,7 +54,8 @@ def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, 
     model = build_model(bench.model, cell.n_way, in_channels=in_channels, image_size=image_size, hidden=hidden)
     options = getattr(params.variants, algorithm).options
     learner = build_algorithm(algorithm, model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                              strategy=cfg.strategy, params=options if to_dict(options) else None)
+                              strategy=cfg.strategy, params=options if to_dict(options) else None,
+                              precision=cfg.precision)
     if cfg.checkpointing:
         learner.checkpointing = True
     return learner
@@ -64,6 +65,8 @@ def run_fingerprint(params: Params, benchmark: str, algorithm: str, setting: str
     cfg = to_dict(fewshot_train(params, benchmark, algorithm, setting))
     for key in ("checkpoint_every", "log_every", "validate_every"):
         cfg.pop(key)
+    if cfg.get("precision") == "fp32":   # the default: checkpoints from before the knob existed still resume
+        cfg.pop("precision")
     bench = getattr(params, benchmark)
     return fingerprint({"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": bench.model,
                         "hidden": bench.hidden,
@@ -93,10 +96,16 @@ def score(learner, split, episodes, n_episodes: int, inner_steps: int, inner_lr,
 def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
           prepared: str | Path, episodes_dir: str | Path, resume_state: dict | None = None, log=None,
           extra: dict | None = None, progress: bool = True) -> LoopResult:
-    """Meta-train one cell; writes model.pt (last), best.pt (best validation), curve.csv, train.json."""
+    """Meta-train one cell; writes model.pt (last), best.pt (best validation), curve.csv, train.json.
+
+    Under torchrun each rank meta-trains on its slice of every meta-batch and the gradients are
+    averaged (`mamlbench.distributed`); rank 0 validates and writes the files.
+    """
     check_cell(params, benchmark, algorithm, setting)
     run_dir, prepared, episodes_dir = Path(run_dir), Path(prepared), Path(episodes_dir)
     cfg = fewshot_train(params, benchmark, algorithm, setting)
+    batch_key = f"{benchmark}.train.meta_batch_size"  # named when it does not split over the processes
+    main = distributed.is_main()
     cell = getattr(params, benchmark).settings[setting]
     evaluate_cfg = getattr(params, benchmark).evaluate
     device = resolve_device(cfg.device)
@@ -119,12 +128,15 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         if hasattr(learner, "generator"):
             learner.generator = rng.generator(params.seed, f"{benchmark}-inner", iteration)
         sampler.generator.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-train", iteration))
-        batch = sampler.sample(cfg.meta_batch_size)  # support_x (tasks, N*K, C, H, W), support_y, query_x, query_y
-        out = meta_update(learner, optimizer, batch, cfg.grad_clip)
-        metrics = {"meta_train/query_loss": out.loss.item(),
-                   "meta_train/query_acc": accuracy(out.query_outputs, batch.query_y).mean().item()}
+        # every rank draws the whole meta-batch's indices and builds only its own slice of the tasks
+        index = distributed.shard(sampler.indices(cfg.meta_batch_size), cfg.meta_batch_size, batch_key)
+        batch = sampler.gather(index)  # support_x (tasks, N*K, C, H, W), support_y, query_x, query_y
+        out = meta_update(learner, optimizer, batch, cfg.grad_clip, after_backward=distributed.all_reduce_grads)
+        metrics = distributed.mean_metrics({  # the full meta-batch's means
+            "meta_train/query_loss": out.loss.item(),
+            "meta_train/query_acc": accuracy(out.query_outputs, batch.query_y).mean().item()})
         done = iteration + 1
-        if done % cfg.validate_every == 0 or done == cfg.iterations:
+        if main and (done % cfg.validate_every == 0 or done == cfg.iterations):  # the others go on to wait
             val = score(learner, val_split, val_episodes, cfg.n_val_episodes, evaluate_cfg.inner_steps,
                         evaluate_cfg.inner_lr, device, evaluate_cfg.chunk)[:, -1].mean().item()
             metrics["meta_val/query_acc"] = val
@@ -141,6 +153,8 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
                       force_log=("meta_val/query_acc",))
     result = run_loop(learner, optimizer, step, loop, checkpointer(params, benchmark, algorithm, setting, run_dir),
                       resume_state=resume_state, log=log, extra=extra_state, progress=progress)
+    if not main:
+        return result
     save_torch(run_dir / "model.pt", _model_state(learner, params, benchmark, algorithm, setting, result.iterations))
     write_curve(run_dir / "curve.csv", result.history)
     final = result.last()

@@ -298,12 +298,12 @@ def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-def rl_section(params: Params, metrics: Path, figures: Path) -> list[str]:
+def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
     lines = ["## Meta-RL (MAML-TRPO)", ""]
     found = False
     for env in params.rl.envs:
-        runs = [(s, metrics / f"rl_{env}_seed{s}_evaluate.json") for s in params.seeds]
-        runs = [(s, json.loads(p.read_text())) for s, p in runs if p.is_file()]
+        files = [(s, runs_dir / "rl" / env / f"seed{s}" / "metrics.json") for s in params.seeds]
+        runs = [(s, json.loads(p.read_text())) for s, p in files if p.is_file()]
         if not runs:
             continue
         found = True
@@ -339,9 +339,9 @@ def rl_section(params: Params, metrics: Path, figures: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the report
-def build_report(params: Params, runs: str | Path, metrics: str | Path, out: str | Path) -> list[Path]:
-    """Write out/README.md and out/figures/*.png; return what was written."""
-    runs, metrics, out = Path(runs), Path(metrics), Path(out)
+def build_report(params: Params, runs: str | Path, out: str | Path) -> list[Path]:
+    """Write out/README.md and out/figures/*.png from the metrics files under `runs`; return what was written."""
+    runs, out = Path(runs), Path(out)
     figures = out / "figures"
     if figures.exists():   # only this run's figures: a dropped cell leaves no stale image behind
         shutil.rmtree(figures)
@@ -356,6 +356,6 @@ def build_report(params: Params, runs: str | Path, metrics: str | Path, out: str
     lines += sinusoid_section(params, runs, figures)
     lines += fewshot_section(params, "omniglot", runs, figures)
     lines += fewshot_section(params, "mini_imagenet", runs, figures)
-    lines += rl_section(params, metrics, figures)
+    lines += rl_section(params, runs, figures)
     write_text(out / "README.md", "\n".join(lines).rstrip() + "\n")
     return [out / "README.md", *sorted(figures.iterdir())]

@@ -1,16 +1,18 @@
 """Tracked runs: what `mamlbench train/evaluate` and the DVC stages execute.
 
 Each function reads `params.yaml`, opens the MLflow run (reopening it when a checkpoint resumes),
-and calls the benchmark's own train or evaluate function.
+and calls the benchmark's own train or evaluate function. Under torchrun the training functions
+join the process group; only rank 0 clears foreign checkpoints, opens the MLflow run and logs.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from mamlbench import fewshot, sinusoid
+from mamlbench import distributed, fewshot, sinusoid
 from mamlbench.config import Params, fewshot_train, load_params, with_seed
 from mamlbench.schema import to_dict
-from mamlbench.tracking import start_run
+from mamlbench.tracking import Tracker, start_run
 from mamlbench.train import resolve_device
 
 
@@ -19,21 +21,47 @@ def _load(params: str | Path | Params, seed: int | None = None) -> Params:
     return with_seed(params if isinstance(params, Params) else load_params(params), seed)
 
 
+def _resume_state(checkpoints) -> dict | None:
+    """The newest good checkpoint of this configuration. Rank 0 first removes foreign ones; every
+    rank then reads the same file (rank 0 wrote it atomically in an earlier run)."""
+    if distributed.is_main():
+        checkpoints.discard_foreign()
+    distributed.barrier()
+    return checkpoints.latest()
+
+
+def _tracked(params: Params, benchmark: str, run_name: str, **kwargs):
+    """`start_run` on rank 0; the other ranks get a tracker that logs nothing."""
+    if not distributed.is_main():
+        return contextlib.nullcontext(Tracker())
+    if distributed.world_size() > 1:
+        kwargs["tags"] = {**kwargs.get("tags", {}), "world_size": distributed.world_size()}
+    return start_run(params, benchmark, run_name, **kwargs)
+
+
 def train_sinusoid(params_path: str | Path | Params, kind: str, run_dir: str | Path, progress: bool = True,
                    seed: int | None = None) -> dict:
     params = _load(params_path, seed)
     if kind not in sinusoid.MODELS:
         raise ValueError(f"--model {kind!r}: must be one of {', '.join(sinusoid.MODELS)}")
     section = params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain
+    with distributed.session(resolve_device(section.device)):
+        if kind == "maml":  # refuse a meta-batch that does not split over the processes before any work
+            distributed.check_divisible(section.meta_batch_size, "sinusoid.train.meta_batch_size")
+        else:
+            distributed.check_divisible(section.batch_tasks, "sinusoid.pretrain.batch_tasks")
+        return _train_sinusoid(params, kind, section, run_dir, progress)
+
+
+def _train_sinusoid(params: Params, kind: str, section, run_dir: str | Path, progress: bool) -> dict:
     checkpoints = sinusoid.checkpointer(params, kind, run_dir)
-    checkpoints.discard_foreign()
-    state = checkpoints.latest()
+    state = _resume_state(checkpoints)
     run_id = state["extra"].get("mlflow_run_id") if state else None
     logged = {"seed": params.seed, "profile": params.profile, "hidden": params.sinusoid.hidden, kind: to_dict(section)}
     tags = {"stage": "sinusoid-train", "variant": kind, "device": str(resolve_device(section.device))}
     if state:
         tags["resumed_from"] = state["iteration"]
-    with start_run(params, "sinusoid", f"{kind}-seed{params.seed}", run_id=run_id, tags=tags, log_params=logged) as tracker:
+    with _tracked(params, "sinusoid", f"{kind}-seed{params.seed}", run_id=run_id, tags=tags, log_params=logged) as tracker:
         result = sinusoid.train(params, kind, run_dir, resume_state=state, log=tracker.log_metrics,
                                 extra={"mlflow_run_id": tracker.run_id}, progress=progress)
         for name in ("model.pt", "curve.csv", "train.json"):
@@ -70,9 +98,15 @@ def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: s
     params = _load(params_path, seed)
     fewshot.check_cell(params, benchmark, algorithm, setting)
     cfg = fewshot_train(params, benchmark, algorithm, setting)
+    with distributed.session(resolve_device(cfg.device)):
+        distributed.check_divisible(cfg.meta_batch_size, f"{benchmark}.train.meta_batch_size")  # before any work
+        return _train_fewshot(params, benchmark, algorithm, setting, cfg, run_dir, prepared, episodes_dir, progress)
+
+
+def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str, cfg, run_dir: str | Path,
+                   prepared: str | Path, episodes_dir: str | Path, progress: bool) -> dict:
     checkpoints = fewshot.checkpointer(params, benchmark, algorithm, setting, run_dir)
-    checkpoints.discard_foreign()
-    state = checkpoints.latest()
+    state = _resume_state(checkpoints)
     run_id = state["extra"].get("mlflow_run_id") if state else None
     cell = getattr(params, benchmark).settings[setting]
     logged = {"seed": params.seed, "profile": params.profile, "benchmark": benchmark, "algorithm": algorithm,
@@ -82,8 +116,8 @@ def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: s
             "device": str(resolve_device(cfg.device))}
     if state:
         tags["resumed_from"] = state["iteration"]
-    with start_run(params, benchmark, cell_name(algorithm, setting, params.seed), run_id=run_id, tags=tags,
-                   log_params=logged) as tracker:
+    with _tracked(params, benchmark, cell_name(algorithm, setting, params.seed), run_id=run_id, tags=tags,
+                  log_params=logged) as tracker:
         result = fewshot.train(params, benchmark, algorithm, setting, run_dir, prepared=prepared,
                                episodes_dir=episodes_dir, resume_state=state, log=tracker.log_metrics,
                                extra={"mlflow_run_id": tracker.run_id}, progress=progress)

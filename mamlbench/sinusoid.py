@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import rng
+from mamlbench import distributed, rng
 from mamlbench.algorithms.maml import MAML
 from mamlbench.config import Params
 from mamlbench.data.sinusoid import fixed_test_tasks, sample_points, sample_tasks, task_batch
@@ -51,19 +51,21 @@ def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict 
     run_dir = Path(run_dir)
     cfg = params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain
     device = resolve_device(cfg.device)
+    batch_key = "sinusoid.train.meta_batch_size" if kind == "maml" else "sinusoid.pretrain.batch_tasks"
     model = build_model(params).to(device)
 
     if kind == "maml":
         learner = MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                       first_order=cfg.algorithm == "fomaml", strategy=cfg.strategy, loss_fn=F.mse_loss)
+                       first_order=cfg.algorithm == "fomaml", strategy=cfg.strategy, loss_fn=F.mse_loss,
+                       precision=cfg.precision)
         optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
 
         def step(iteration: int) -> dict[str, float]:
             generator = rng.generator(params.seed, "sinusoid-train", iteration)
-            batch = [t.to(device) for t in task_batch(cfg.meta_batch_size, cfg.k_shot, cfg.k_query,
-                                                      generator)]  # support_x, support_y, query_x, query_y: (tasks, K, 1)
-            out = meta_update(learner, optimizer, batch, cfg.grad_clip)
-            return {"meta_train/query_loss": out.loss.item()}
+            batch = task_batch(cfg.meta_batch_size, cfg.k_shot, cfg.k_query, generator)  # 4 x (tasks, K, 1)
+            batch = [t.to(device) for t in distributed.shard(batch, cfg.meta_batch_size, batch_key)]  # rank's tasks
+            out = meta_update(learner, optimizer, batch, cfg.grad_clip, after_backward=distributed.all_reduce_grads)
+            return distributed.mean_metrics({"meta_train/query_loss": out.loss.item()})
 
         setting = f"inner_lr={cfg.inner_lr}, meta_lr={cfg.meta_lr}, inner_steps={cfg.inner_steps}"
     else:
@@ -72,18 +74,22 @@ def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict 
 
         def step(iteration: int) -> dict[str, float]:
             generator = rng.generator(params.seed, "sinusoid-pretrain", iteration)
-            x, y = (t.to(device) for t in sample_points(sample_tasks(cfg.batch_tasks, generator), cfg.k, generator))
+            points = sample_points(sample_tasks(cfg.batch_tasks, generator), cfg.k, generator)  # x, y: (tasks, k, 1)
+            x, y = (t.to(device) for t in distributed.shard(points, cfg.batch_tasks, batch_key))
             loss = F.mse_loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(model)
             optimizer.step()
-            return {"pretrain/loss": loss.item()}
+            return distributed.mean_metrics({"pretrain/loss": loss.item()})
 
         setting = f"lr={cfg.lr}"
 
     loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"sinusoid {kind}", setting=setting)
     result = run_loop(learner, optimizer, step, loop, checkpointer(params, kind, run_dir),
                       resume_state=resume_state, log=log, extra=extra, progress=progress)
+    if not distributed.is_main():  # rank 0 writes the outputs
+        return result
     save_torch(run_dir / "model.pt", {"state_dict": model.state_dict(), "hidden": params.sinusoid.hidden,
                                       "kind": kind, "iterations": result.iterations})
     write_curve(run_dir / "curve.csv", result.history)

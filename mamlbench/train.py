@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mamlbench import distributed
 from mamlbench.io import fault_point, load_torch, remove_stale_temps, save_torch, write_text
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -109,11 +110,18 @@ def _finite_state(module: nn.Module) -> str | None:
     return None
 
 
-def meta_update(learner: nn.Module, optimizer: torch.optim.Optimizer, batch, grad_clip: float | None):
-    """One meta-update on a batch of tasks: adapt, back-propagate the mean query loss, step."""
+def meta_update(learner: nn.Module, optimizer: torch.optim.Optimizer, batch, grad_clip: float | None,
+                after_backward: Callable[[nn.Module], None] | None = None):
+    """One meta-update on a batch of tasks: adapt, back-propagate the mean query loss, step.
+
+    `after_backward(learner)` runs between the backward and the clip and step: with several
+    processes, `distributed.all_reduce_grads` turns each rank's slice gradient into the full batch's.
+    """
     out = learner(*batch)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    if after_backward is not None:
+        after_backward(learner)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(learner.parameters(), grad_clip)
     optimizer.step()
@@ -162,7 +170,11 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
     `history` records the metrics of every `log_every`-th iteration, the last, and any iteration whose
     metrics hold a `force_log` key (e.g. a validation); it travels in the checkpoint so a resumed
     run's learning curve is whole. `extra` is saved in every checkpoint as is: `step` may update it.
+
+    Under torchrun every rank runs this loop (its `step` does the collectives); only rank 0 saves
+    checkpoints, calls `log` and shows progress, and all ranks resume from the same checkpoint.
     """
+    main = distributed.is_main()
     history: list[dict[str, float]] = []
     start = 0
     if resume_state is not None:
@@ -170,6 +182,7 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
         optimizer.load_state_dict(resume_state["optimizer"])
         history = [dict(row) for row in resume_state["history"]]
         start = resume_state["iteration"]
+    distributed.broadcast_state(learner)  # identical starting weights on every rank, as DDP does
     extra = extra if extra is not None else {}
 
     def snapshot(iteration: int) -> None:
@@ -178,13 +191,15 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
             raise TrainingDiverged(
                 f"{config.describe}: parameter {bad} is not finite after iteration {iteration - 1}"
                 + (f" ({config.setting})" if config.setting else "") + "; the last good checkpoint is kept")
-        checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
-                           "optimizer": optimizer.state_dict(), "history": history, "extra": extra})
+        if main:
+            checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
+                               "optimizer": optimizer.state_dict(), "history": history, "extra": extra})
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not (progress and main), transient=False) as bar:
         task = bar.add_task(config.describe, total=config.iterations, completed=start, status="")
         for iteration in range(start, config.iterations):
             metrics = step(iteration)
@@ -198,7 +213,7 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
             forced = any(k in metrics for k in config.force_log)
             if done % config.log_every == 0 or done == config.iterations or forced:
                 history.append({"iteration": done, **{k: float(v) for k, v in metrics.items()}})
-                if log is not None:
+                if log is not None and main:
                     log(metrics, done)
                 bar.update(task, status=" ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2]))
             if done % config.checkpoint_every == 0 or done == config.iterations:

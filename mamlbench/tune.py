@@ -12,18 +12,33 @@ is an MLflow run nested under the study's parent run. The best trial's settings 
 params file (a `tuned_<algorithm>_<setting>` profile extending the current one) that `mamlbench
 train --params` and `dvc exp run` use as they are.
 
+Workers on several processes or machines share the study through its storage. A running trial
+heartbeats every `tune.heartbeat_interval` s; when its worker dies (killed -9, machine lost) another
+worker, at its next trial, finds it silent for `tune.grace_period` s, fails it, ends its MLflow run
+FAILED and re-queues its settings (`tune.max_retry`). With `tune.total_trials` the workers run until
+that many trials are COMPLETE or PRUNED, so the dead worker's share is taken over.
+
 References: Akiba et al., "Optuna", KDD 2019; Li et al., "Hyperband", JMLR 2018.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import os
+import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
 
 from mamlbench import fewshot, rng
 from mamlbench.config import Params, TuneParams, load_params, read_raw
@@ -32,18 +47,88 @@ from mamlbench.tracking import experiment, start_run
 from mamlbench.train import TrainingDiverged
 
 PARENT_ATTR = "mlflow_parent_run_id"
+HEARTBEAT_ATTR = "mamlbench:heartbeat"
+RUN_ATTRS = ("mlflow_run_id", "worker", "worker_pid", "worker_host")  # a retry gets its own
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+LIVE = (*DONE, TrialState.RUNNING, TrialState.WAITING)
 
 
-def storage_for(url: str | None, root: str | Path = "."):
-    """An Optuna storage: null -> sqlite:///optuna.db; `journal:<file>` -> a journal file; else the URL."""
+class StudyFull(Exception):
+    """The study-wide budget was met while this trial was being created: it ends FAIL without running."""
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal file with heartbeats, which Optuna 5.0 has only for RDB storages: each beat is a trial
+    system attribute holding the writer's wall clock, so the machines' clocks must agree (NTP) to well
+    within `grace_period`."""
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int | None = None, on_stale=None):
+        super().__init__(backend)
+        self.heartbeat_interval, self.grace_period, self.on_stale = heartbeat_interval, grace_period, on_stale
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace = self.grace_period or 2 * self.heartbeat_interval
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            started = t.datetime_start.timestamp() if t.datetime_start else now  # a retry inherits old beats
+            if now - max(started, t.system_attrs.get(HEARTBEAT_ATTR, 0.0)) > grace:
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.on_stale
+
+
+class FailStaleTrial:
+    """Run by the worker that finds a trial stale (its worker stopped heartbeating): ends the trial's
+    MLflow run FAILED, so the UI does not show it running forever, and re-queues its settings."""
+
+    def __init__(self, params: Params, benchmark: str, max_retry: int, root: str | Path = "."):
+        self.params, self.benchmark, self.max_retry, self.root = params, benchmark, max_retry, root
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.max_retry > 0:
+            queued = copy.deepcopy(trial)
+            queued.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in RUN_ATTRS}
+            queued.system_attrs.pop(HEARTBEAT_ATTR, None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=self.max_retry)(study, queued)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and self.params.tracking.enabled:
+            with contextlib.suppress(Exception):  # a lost run must not stop this worker's study
+                client, _ = experiment(self.params, self.benchmark, self.root)
+                client.set_tag(run_id, "optuna_state", "FAIL")
+                client.set_tag(run_id, "failure_reason", f"worker {trial.user_attrs.get('worker_pid')} on "
+                               f"{trial.user_attrs.get('worker_host')} stopped heartbeating")
+                client.set_terminated(run_id, status="FAILED")
+
+
+def storage_for(url: str | None, root: str | Path = ".", *, heartbeat_interval: int | None = None,
+                grace_period: int | None = None, on_stale=None):
+    """An Optuna storage: null -> sqlite:///optuna.db; `journal:<file>` -> a journal file; else an RDB URL.
+
+    With `heartbeat_interval`, running trials heartbeat and `on_stale` runs for each one found silent."""
     if url is None:
         url = f"sqlite:///{(Path(root) / 'optuna.db').as_posix()}"
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    if url.startswith("sqlite:"):  # several processes on one file: wait for the lock instead of failing
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
-    return url
+    beat = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period) if heartbeat_interval else {}
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5.0
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        if url.startswith("journal:"):
+            backend = JournalFileBackend(url[len("journal:"):])
+            return HeartbeatJournalStorage(backend, **beat, on_stale=on_stale) if beat else JournalStorage(backend)
+        if beat:
+            beat["heartbeat_stale_trial_callback"] = on_stale
+        if url.startswith("sqlite:"):  # several processes on one file: wait for the lock instead of failing
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}}, **beat)
+        return optuna.storages.RDBStorage(url, **beat)
 
 
 def suggest(trial: optuna.Trial, tune: TuneParams, benchmark: str, algorithm: str) -> dict[str, Any]:
@@ -85,7 +170,9 @@ def open_study(params: Params, benchmark: str, algorithm: str, setting: str, wor
     """Create or join the study; the process that creates it also opens its MLflow parent run."""
     tune = params.tune
     name = tune.study or f"{benchmark}-{algorithm}-{setting}"
-    storage = storage_for(tune.storage, root)
+    storage = storage_for(tune.storage, root, heartbeat_interval=tune.heartbeat_interval,
+                          grace_period=tune.grace_period,
+                          on_stale=FailStaleTrial(params, benchmark, tune.max_retry, root))
     # Workers sharing a study get different seeds, else their random start-up trials would coincide.
     sampler = optuna.samplers.TPESampler(seed=rng.derive_seed(tune.sampler_seed, "tune", worker) % 2**32,
                                          n_startup_trials=tune.n_startup_trials)
@@ -113,12 +200,57 @@ def open_study(params: Params, benchmark: str, algorithm: str, setting: str, wor
     return study, None
 
 
+def _in_budget(trials: list[optuna.trial.FrozenTrial], tune: TuneParams) -> list[optuna.trial.FrozenTrial]:
+    """The trials that hold a place in `tune.total_trials`: finished, running, queued, and a dead worker's
+    trial from its FAIL until its retry is queued (else another worker could take its place meanwhile).
+    That last kind is a FAIL its own worker did not report (no `error` attribute) with retries left, at
+    most `grace_period` s old (in case whoever failed it died before queueing the retry)."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    now = time.time()
+
+    def awaits_retry(t: optuna.trial.FrozenTrial) -> bool:
+        return (bool(tune.heartbeat_interval) and t.state == TrialState.FAIL and "error" not in t.user_attrs
+                and t.number not in retried and len(t.system_attrs.get("retry_history", [])) < tune.max_retry
+                and t.datetime_complete is not None
+                and now - t.datetime_complete.timestamp() < (tune.grace_period or 2 * tune.heartbeat_interval))
+
+    return [t for t in trials if t.state in LIVE or awaits_retry(t)]
+
+
+def _this_trial(trial: optuna.Trial, tune: TuneParams) -> optuna.trial.FrozenTrial:
+    """The trial's frozen record, checked against the study-wide budget.
+
+    Workers asking at the same moment can overshoot `tune.total_trials`: the trial that has that many
+    trials in the budget numbered below it gives way (ends FAIL without running)."""
+    trials = trial.study.get_trials(deepcopy=False)
+    total = tune.total_trials
+    if total is not None and sum(t.number < trial.number for t in _in_budget(trials, tune)) >= total:
+        trial.set_user_attr("surplus", True)
+        trial.set_user_attr("error", "StudyFull")
+        trial.study.stop()
+        raise StudyFull(f"the study already has {total} trials")
+    return next(t for t in trials if t.number == trial.number)
+
+
 def objective(params_path: str | Path, params: Params, benchmark: str, algorithm: str, setting: str, *,
               prepared: Path, episodes_dir: Path, parent_run_id: str | None, profile: str | None = None,
-              root: str | Path = "."):
+              root: str | Path = ".", worker: int = 0):
     tune = params.tune
 
     def run(trial: optuna.Trial) -> float:
+        try:
+            return attempt(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:  # marks a failure its worker reported, unlike a dead worker's
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
+            raise
+
+    def attempt(trial: optuna.Trial) -> float:
+        retry_of = _this_trial(trial, tune).system_attrs.get("failed_trial")  # set on a retry
+        for key, value in (("worker", worker), ("worker_pid", os.getpid()), ("worker_host", socket.gethostname())):
+            trial.set_user_attr(key, value)
         overrides = suggest(trial, tune, benchmark, algorithm)
         cell = load_params(params_path, profile, seed=params.seed, overrides={**overrides, **_budget(tune, algorithm)})
         best = -math.inf
@@ -129,7 +261,10 @@ def objective(params_path: str | Path, params: Params, benchmark: str, algorithm
                 start_run(cell, benchmark, f"{algorithm}-{setting}-trial{trial.number}", log_params=logged,
                           parent_run_id=parent_run_id, root=root,
                           tags={"stage": "tune", "variant": algorithm, "setting": setting,
-                                "optuna_study": trial.study.study_name, "optuna_trial": trial.number}) as tracker:
+                                "optuna_study": trial.study.study_name, "optuna_trial": trial.number,
+                                **({"optuna_retry_of": retry_of} if retry_of is not None else {})}) as tracker:
+            if tracker.run_id:  # so whoever finds this trial stale can end its run
+                trial.set_user_attr("mlflow_run_id", tracker.run_id)
 
             def log(metrics: dict[str, float], step: int) -> None:
                 nonlocal best
@@ -157,7 +292,8 @@ def objective(params_path: str | Path, params: Params, benchmark: str, algorithm
 def tune(params_path: str | Path, benchmark: str, algorithm: str, setting: str, *, prepared: Path,
          episodes_dir: Path, out: Path | None = None, profile: str | None = None, seed: int | None = None,
          overrides: dict[str, Any] | None = None, worker: int = 0, root: str | Path = ".") -> dict:
-    """Run `tune.n_trials` trials (on `tune.n_jobs` threads) of the cell's study; write the best to `out`."""
+    """Run this worker's trials of the cell's study (see `optimize`, on `tune.n_jobs` threads); write the best
+    to `out`."""
     overrides = {f"tune.{k}": v for k, v in (overrides or {}).items() if v is not None}
     params = load_params(params_path, profile, seed=seed, overrides=overrides)
     fewshot.check_cell(params, benchmark, algorithm, setting)
@@ -167,9 +303,9 @@ def tune(params_path: str | Path, benchmark: str, algorithm: str, setting: str, 
         client, _ = experiment(params, benchmark, root)
         client.update_run(parent, status="RUNNING")
     run = objective(params_path, params, benchmark, algorithm, setting, prepared=Path(prepared),
-                    episodes_dir=Path(episodes_dir), parent_run_id=parent, profile=profile, root=root)
-    # Diverging trials end FAIL and the study goes on; anything else is a bug and stops it.
-    study.optimize(run, n_trials=params.tune.n_trials, n_jobs=params.tune.n_jobs, catch=(TrainingDiverged,))
+                    episodes_dir=Path(episodes_dir), parent_run_id=parent, profile=profile, root=root,
+                    worker=worker)
+    optimize(study, run, params.tune)
     summary = summarize(study, benchmark, algorithm)
     if parent:  # tags, not params: every worker updates them as the study's best moves
         tags = {"best_trial": summary["best_trial"], "best_val_acc": summary["val_acc"],
@@ -182,13 +318,44 @@ def tune(params_path: str | Path, benchmark: str, algorithm: str, setting: str, 
     return summary
 
 
+def optimize(study: optuna.Study, run, tune: TuneParams) -> None:
+    """Run this process's trials: `tune.n_trials` of them, or, with `tune.total_trials`, until the study
+    has that many COMPLETE or PRUNED (at most `n_trials` here), waiting out other workers' running trials,
+    since one of them may turn out dead and be re-queued."""
+    catch = (TrainingDiverged, StudyFull)  # diverging trials end FAIL and the study goes on; anything else stops it
+    if tune.total_trials is None:
+        study.optimize(run, n_trials=tune.n_trials, n_jobs=tune.n_jobs, catch=catch)
+        return
+    ran = []
+
+    def full(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        ran.append(trial.number)
+        if len(_in_budget(study.get_trials(deepcopy=False), tune)) >= tune.total_trials:
+            study.stop()
+
+    while len(ran) < tune.n_trials:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if sum(t.state in DONE for t in trials) >= tune.total_trials:
+            return
+        if len(_in_budget(trials, tune)) < tune.total_trials or any(t.state == TrialState.WAITING for t in trials):
+            study.optimize(run, n_trials=tune.n_trials - len(ran), n_jobs=tune.n_jobs, catch=catch, callbacks=[full])
+        elif tune.heartbeat_interval:
+            time.sleep(tune.heartbeat_interval)
+        else:  # without heartbeats a dead worker's trial would be waited for forever
+            return
+
+
 def summarize(study: optuna.Study, benchmark: str, algorithm: str) -> dict:
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    retries = {t.number: t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return {"study": study.study_name, "best_trial": None, "val_acc": None, "params": {}, "overrides": {},
-                "trials": states}
+                "trials": states, "retries": retries}
     best = max(complete, key=lambda t: (t.value, -t.number))
     dotted = {f"variants.{algorithm}.train.inner_lr": best.params["inner_lr"],
               f"variants.{algorithm}.train.inner_steps": best.params["inner_steps"],
@@ -198,7 +365,7 @@ def summarize(study: optuna.Study, benchmark: str, algorithm: str) -> dict:
     dotted.update({f"variants.mamlpp.options.{k}": v for k, v in best.params.items()
                    if k not in ("inner_lr", "inner_steps", "eval_steps", "init_inner_lr")})
     return {"study": study.study_name, "best_trial": best.number, "val_acc": best.value, "params": best.params,
-            "overrides": dotted, "trials": states}
+            "overrides": dotted, "trials": states, "retries": retries}
 
 
 def write_outputs(out: Path, params_path: str | Path, params: Params, summary: dict, study: optuna.Study,
@@ -207,11 +374,13 @@ def write_outputs(out: Path, params_path: str | Path, params: Params, summary: d
     cmd = "dvc exp run " + " ".join(f"-S '{k}={v}'" for k, v in summary["overrides"].items())
     write_json(out / "best.json", {**summary, "dvc_exp_run": cmd})
     names = sorted({k for t in study.trials for k in t.params})
-    rows = ["number,state,value,last_step," + ",".join(names)]
+    rows = ["number,state,value,last_step,retry_of," + ",".join(names)]
     for t in sorted(study.trials, key=lambda t: t.number):
         last = max(t.intermediate_values) if t.intermediate_values else ""
         value = "" if t.value is None else f"{t.value:.6g}"
-        rows.append(f"{t.number},{t.state.name},{value},{last}," + ",".join(str(t.params.get(k, "")) for k in names))
+        retry_of = t.system_attrs.get("failed_trial", "")
+        rows.append(f"{t.number},{t.state.name},{value},{last},{retry_of}," +
+                    ",".join(str(t.params.get(k, "")) for k in names))
     write_text(out / "trials.csv", "\n".join(rows) + "\n")
     raw = read_raw(params_path)
     current = profile or raw.get("profile", "quick")

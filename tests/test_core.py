@@ -217,7 +217,7 @@ def test_trajectory_steps_are_plain_sgd():
 def test_auto_strategy_per_device_and_model():
     assert core.choose_strategy(conv_net(), "cpu") == "loop"
     assert core.choose_strategy(mlp_net(), "cpu") == "vmap"
-    assert core.choose_strategy(conv_net(), "cuda") == "vmap"
+    assert core.choose_strategy(conv_net(), "cuda") == "compiled"
 
 
 def test_five_line_api_on_a_user_model_learns():

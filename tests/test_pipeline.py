@@ -122,7 +122,7 @@ def test_dvc_repro_tiny_profile_download_to_report(tmp_path, monkeypatch):
     for algorithm in ("maml", "anil"):
         for seed in (0, 1):
             assert f"runs/omniglot/{algorithm}-5w1s-seed{seed}/eval/metrics.json" in metrics
-    assert "runs/sinusoid/seed1/eval/metrics.json" in metrics and "metrics/rl_navigation_seed0_evaluate.json" in metrics
+    assert "runs/sinusoid/seed1/eval/metrics.json" in metrics and "runs/rl/navigation/seed0/metrics.json" in metrics
     report = (repo / "reports" / "README.md").read_text()
     assert "| maml | 5w1s |" in report and "| anil | 5w1s | mean of 2 |" in report and "### navigation" in report
     figures = {p.name for p in (repo / "reports" / "figures").iterdir()}
@@ -144,3 +144,16 @@ def test_dvc_repro_tiny_profile_download_to_report(tmp_path, monkeypatch):
     changed = _dvc(repo, "repro")
     ran = sorted(re.findall(r"Running stage '([^']+)'", changed))
     assert ran == ["report", "sinusoid-evaluate@0", "sinusoid-evaluate@1"], ran
+
+    # The opt-in tune stage: one cell, a few tiny trials, best settings and metrics declared to DVC.
+    params["tune"].update(cells=[{"benchmark": "omniglot", "algorithm": "maml", "setting": "5w1s"}], n_trials=3,
+                          iterations=2, validate_every=1, n_val_episodes=10, n_startup_trials=1)
+    params["rl"]["envs"] = []   # and a pipeline without meta-RL still reports
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tuned = _dvc(repo, "repro")
+    ran = sorted(re.findall(r"Running stage '([^']+)'", tuned))
+    assert ran == ["report", "tune@0"], ran
+    best = yaml.safe_load((repo / "tuned/omniglot-maml-5w1s/params.yaml").read_text())
+    assert best["profile"] == "tuned_omniglot_maml_5w1s" and best["profile"] in best["profiles"]
+    assert "tuned/omniglot-maml-5w1s/best.json" in _dvc(repo, "metrics", "show", "--json", stdout_only=True)
+    assert "### navigation" not in (repo / "reports" / "README.md").read_text()

@@ -50,8 +50,8 @@ def synthetic(tmp_path: Path) -> tuple[Path, Path]:
         (ev / "per_task.csv").write_text("\n".join(lines) + "\n")
         rl = {p: {f"step_{s}": {"mean": -40.0 + (10 * s if p == "maml" else s) + seed, "ci95": 2.0} for s in range(4)}
               for p in ("maml", "pretrained", "random")}
-        (tmp_path / "metrics").mkdir(exist_ok=True)
-        (tmp_path / "metrics" / f"rl_navigation_seed{seed}_evaluate.json").write_text(json.dumps(rl))
+        (tmp_path / "runs" / "rl" / "navigation" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / "rl" / "navigation" / f"seed{seed}" / "metrics.json").write_text(json.dumps(rl))
     return tmp_path, params
 
 
@@ -69,7 +69,7 @@ def test_paired_difference_and_ci():
 def test_report_tables_paired_comparisons_and_determinism(synthetic):
     root, params_path = synthetic
     params = load_params(params_path)
-    written = build_report(params, root / "runs", root / "metrics", root / "reports")
+    written = build_report(params, root / "runs", root / "reports")
     text = (root / "reports" / "README.md").read_text()
     # one table per benchmark, the paper's number beside ours and the difference
     for heading in ("## Sinusoid regression", "## Omniglot", "## mini-ImageNet", "### navigation"):
@@ -87,7 +87,7 @@ def test_report_tables_paired_comparisons_and_determinism(synthetic):
     assert figures == ["omniglot_5w1s_curves.png", "omniglot_5w1s_steps.png", "rl_navigation_return_steps.png",
                        "sinusoid_mse_steps.png"]
     before = {p: p.read_bytes() for p in written}
-    again = build_report(params, root / "runs", root / "metrics", root / "reports")
+    again = build_report(params, root / "runs", root / "reports")
     assert again == written and all(p.read_bytes() == before[p] for p in again)
 
 

@@ -104,6 +104,20 @@ def test_resumed_training_repeats_an_uninterrupted_run(tmp_path):
     assert history == json.loads((tmp_path / "full" / "history.json").read_text())
 
 
+def test_other_settings_never_resume_an_old_checkpoint(tmp_path):
+    """A changed setting (as `dvc exp run -S` makes) trains afresh in the same folder, not on from
+    the policy of the old settings; the old checkpoints are removed."""
+    import dataclasses
+    train("navigation", TINY, 0, tmp_path / "run")
+    other = dataclasses.replace(TINY, inner_lr=0.05)
+    fresh = train("navigation", other, 0, tmp_path / "fresh")
+    reused = train("navigation", other, 0, tmp_path / "run")
+    for (k, a), b in zip(fresh.state_dict().items(), reused.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == \
+        json.loads((tmp_path / "fresh" / "history.json").read_text())
+
+
 def test_cli_train_and_evaluate_smoke(tmp_path, monkeypatch):
     from typer.testing import CliRunner
     from mamlbench.rl.cli import app
@@ -124,10 +138,27 @@ def test_cli_train_and_evaluate_smoke(tmp_path, monkeypatch):
     assert run.exit_code == 0, run.output
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert set(metrics) == {"maml", "pretrained", "random"} and set(metrics["maml"]) == {f"step_{k}" for k in range(4)}
-    assert all((tmp_path / "plots" / f).stat().st_size > 1000 for f in ("adaptation.png", "trace.png"))
+    assert all((tmp_path / "plots" / f).stat().st_size > 1000 for f in ("adaptation.png", "trace.png", "training.png"))
     assert len((tmp_path / "plots" / "adaptation.csv").read_text().splitlines()) == 1 + 3 * 4
     bad = runner.invoke(app, ["train", "pong", "-p", str(params)])
     assert bad.exit_code != 0 and "unknown environment 'pong'" in str(bad.exception)
+
+
+def test_time_budget_stops_training_and_sizes_the_baseline(tmp_path):
+    """A wall-time budget ends meta-training after the iteration that passes it; the pretrained
+    baseline gets as many iterations, and rerunning the finished run trains no further."""
+    from mamlbench.rl.pipeline import train_env
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["tracking"]["enabled"] = False
+    raw["rl"]["navigation"] = {"horizon": 10, "hidden": [16, 16], "n_episodes": 2, "meta_batch_size": 2,
+                               "iterations": 50, "pretrain_iterations": 50, "time_budget_minutes": 1e-9}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    summary = train_env(params, "navigation", tmp_path / "runs", tmp_path / "train.json")
+    assert summary["maml"]["iterations"] == 1 and summary["pretrained"]["iterations"] == 1, summary
+    again = train_env(params, "navigation", tmp_path / "runs", tmp_path / "train.json")
+    assert again == summary
+    assert len(json.loads((tmp_path / "runs" / "maml" / "history.json").read_text())) == 1
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlbench.algorithms.anil import ANIL, ANILParams
-from mamlbench.algorithms.maml import FOMAML, MAML, MetaOutput
+from mamlbench.algorithms.maml import FOMAML, MAML, PRECISIONS, MetaOutput, check_precision
 from mamlbench.algorithms.mamlpp import MAMLPlusPlus, MAMLPPParams
 from mamlbench.algorithms.metasgd import MetaSGD, MetaSGDParams
 from mamlbench.algorithms.reptile import Reptile, ReptileParams
@@ -50,7 +50,7 @@ PARAMS: dict[str, type | None] = {
 
 def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps: int, strategy: str = "auto",
                     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                    params: Any = None) -> MAML:
+                    params: Any = None, precision: str = "fp32") -> MAML:
     """The learner `name` around `model`.
 
     Args:
@@ -59,6 +59,7 @@ def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps
         inner_lr, inner_steps, strategy, loss_fn: shared by every algorithm (see `MAML`).
         params: the variant's section: its dataclass, a mapping validated into it (`ConfigError`
             on a bad key or value, named `<name>.<key>`), or None for its defaults.
+        precision: "fp32" or "bf16" (autocast of the inner loop and query pass; see `MAML`).
 
     Example:
         learner = build_algorithm("mamlpp", model, inner_lr=0.1, inner_steps=5,
@@ -78,9 +79,11 @@ def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps
             raise ValueError(f"params for {name!r} must be a {section.__name__} or a mapping, "
                              f"got {type(params).__name__}")
         kwargs = dataclasses.asdict(params)
-    return ALGORITHMS[name](model, inner_lr=inner_lr, inner_steps=inner_steps, strategy=strategy,
-                            loss_fn=loss_fn, **kwargs)
+    learner = ALGORITHMS[name](model, inner_lr=inner_lr, inner_steps=inner_steps, strategy=strategy,
+                               loss_fn=loss_fn, **kwargs)
+    learner.precision = check_precision(precision)  # an attribute: the variants' constructors do not take it
+    return learner
 
 
-__all__ = ["ALGORITHMS", "PARAMS", "build_algorithm", "MetaOutput", "MAML", "FOMAML", "Reptile", "ANIL",
+__all__ = ["ALGORITHMS", "PARAMS", "PRECISIONS", "build_algorithm", "MetaOutput", "MAML", "FOMAML", "Reptile", "ANIL",
            "MetaSGD", "MAMLPlusPlus", "ANILParams", "MetaSGDParams", "MAMLPPParams", "ReptileParams"]

@@ -117,12 +117,19 @@ def inner_loop(loss_fn: Callable[[Params], Tensor], params: Params, inner_lr: LR
 
 
 def choose_strategy(model: nn.Module, device: torch.device | str) -> str:
-    """`vmap` on accelerators and for convolution-free models; `loop` for conv nets on the CPU.
+    """`compiled` on CUDA, `vmap` on other accelerators and for convolution-free models on the CPU,
+    `loop` for conv nets on the CPU.
 
-    On the CPU, convolutions batched over tasks by `vmap` ran ~2x slower with ~4x the memory of a
-    per-task loop (benchmarks/meta_step.py); small MLPs are launch-bound, where `vmap` wins.
+    On CUDA small meta-learning nets are launch-bound: the compiled, task-batched meta-step
+    (`fast.py`, CUDA graphs) removes the launches. On the CPU, convolutions batched over tasks by
+    `vmap` ran ~2x slower with ~4x the memory of a per-task loop (benchmarks/meta_step.py); small
+    MLPs are launch-bound, where `vmap` wins. `MAML.resolve_strategy` falls back from `compiled` to
+    `vmap` for learners the compiled path does not serve.
     """
-    if torch.device(device).type != "cpu":
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "compiled"
+    if kind != "cpu":
         return "vmap"
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     return "loop" if has_conv else "vmap"

@@ -121,8 +121,8 @@ class PerStepBatchNorm(nn.Module):
             if self.track and self.running_mean is not None:
                 with torch.no_grad():
                     n = x.numel() // x.shape[1]
-                    self.running_mean[s].lerp_(mean.detach().flatten(), self.momentum)
-                    self.running_var[s].lerp_(var.detach().flatten() * n / max(n - 1, 1), self.momentum)
+                    self.running_mean[s].lerp_(mean.detach().flatten().to(self.running_mean.dtype), self.momentum)
+                    self.running_var[s].lerp_((var.detach().flatten() * n / max(n - 1, 1)).to(self.running_var.dtype), self.momentum)
         weight = self.weight[s] if self.per_step_weights else self.weight
         bias = self.bias[s] if self.per_step_weights else self.bias
         return (x - mean) * torch.rsqrt(var + self.eps) * weight.view(shape) + bias.view(shape)

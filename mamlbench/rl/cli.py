@@ -14,6 +14,7 @@ app = typer.Typer(help="Meta-reinforcement learning: MAML-TRPO on 2D navigation,
                   no_args_is_help=True)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (validated before any work).")
+ProfileOpt = typer.Option(None, "--profile", help="Use this entry of `profiles` instead of the file's `profile`.")
 SeedOpt = typer.Option(None, "--seed", help="Training seed in place of params' `seed` (DVC passes each of `seeds`).")
 
 
@@ -35,16 +36,16 @@ def envs() -> None:
 def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, halfcheetah_vel, ant_dir or ant_vel."),
           params: Path = ParamsOpt,
           out: Path = typer.Option(None, help="Run folder; maml/ and pretrained/ go inside [runs/rl/<env>]."),
-          metrics: Path = typer.Option(None, help="Final training metrics JSON [metrics/rl_<env>_train.json]."),
+          metrics: Path = typer.Option(None, help="Final training metrics JSON [<out>/train.json]."),
           progress: bool = typer.Option(True, help="Show a progress bar."), seed: int = SeedOpt,
-          ) -> None:
+          profile: str = ProfileOpt) -> None:
     """Meta-train MAML-TRPO and the pretrained baseline, resuming from checkpoints."""
     from mamlbench.rl.pipeline import train_env
     _check_env(env)
     out = out or Path("runs/rl") / env
-    metrics = metrics or Path("metrics") / f"rl_{env}_train.json"
+    metrics = metrics or out / "train.json"
     if not progress:
-        summary = train_env(params, env, out, metrics, seed=seed)
+        summary = train_env(params, env, out, metrics, seed=seed, profile=profile)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
@@ -54,7 +55,7 @@ def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, half
                 if label not in ids:
                     ids[label] = bar.add_task(label, total=total, completed=done - 1)
                 bar.update(ids[label], completed=done)
-            summary = train_env(params, env, out, metrics, progress=update, seed=seed)
+            summary = train_env(params, env, out, metrics, progress=update, seed=seed, profile=profile)
     for model, m in summary.items():
         typer.echo(f"{env} {model}: post-update return {m.get('returns/post_update', float('nan')):.2f}")
 
@@ -63,15 +64,15 @@ def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, half
 def evaluate(env: str = typer.Argument(..., help="An environment trained with `mamlbench rl train`."),
              params: Path = ParamsOpt,
              runs: Path = typer.Option(None, help="Run folder holding maml/ and pretrained/ [runs/rl/<env>]."),
-             metrics: Path = typer.Option(None, help="Metrics JSON [metrics/rl_<env>_evaluate.json]."),
+             metrics: Path = typer.Option(None, help="Metrics JSON [<runs>/metrics.json]."),
              plots: Path = typer.Option(None, help="Plot folder [reports/rl/<env>]."), seed: int = SeedOpt,
-             ) -> None:
+             profile: str = ProfileOpt) -> None:
     """Return after 0..K inner steps for meta-trained, pretrained and random policies (95% CIs)."""
     from mamlbench.rl.pipeline import evaluate_env
     _check_env(env)
     runs = runs or Path("runs/rl") / env
-    summary = evaluate_env(params, env, runs, metrics or Path("metrics") / f"rl_{env}_evaluate.json",
-                           plots or Path("reports/rl") / env, seed=seed)
+    summary = evaluate_env(params, env, runs, metrics or runs / "metrics.json",
+                           plots or Path("reports/rl") / env, seed=seed, profile=profile)
     steps = list(next(iter(summary.values())))
     typer.echo(f"{'policy':<12}" + "".join(f"{s:>18}" for s in steps))
     for model, by_step in summary.items():

@@ -17,6 +17,7 @@ References: Finn, Abbeel & Levine, ICML 2017; the task definitions of cbfinn/mam
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import gymnasium as gym
@@ -106,7 +107,16 @@ class LocomotionTask(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def _mujoco_warnings_once() -> None:
+    """MuJoCo prints its compiler warnings (gymnasium's half_cheetah.xml uses the deprecated
+    `settotalmass`) on every model load: 800 lines for one meta-batch. Python's `warnings` shows
+    each message once."""
+    import mujoco
+    mujoco.set_mju_user_warning(lambda msg: warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=1))
+
+
 def _halfcheetah(mode: str, horizon: int) -> gym.Env:
+    _mujoco_warnings_once()
     # ctrl_cost_weight 0.05: the paper's "minus 0.05 ||a||^2"; no other cost in HalfCheetah.
     env = gym.make("HalfCheetah-v5", max_episode_steps=horizon, disable_env_checker=True,
                    ctrl_cost_weight=0.05)
@@ -114,6 +124,7 @@ def _halfcheetah(mode: str, horizon: int) -> gym.Env:
 
 
 def _ant(mode: str, horizon: int) -> gym.Env:
+    _mujoco_warnings_once()
     # rllab's ant (used by maml_rl): ctrl 0.5 * 1e-2 ||a||^2, contact 0.5 * 1e-3 ||clip(cfrc, -1, 1)||^2,
     # survive bonus 0.05, episode ends when the torso leaves z in [0.2, 1.0]. The contact forces are
     # left out of the observation (27 numbers instead of 105): they are mostly zero and slow the MLP.

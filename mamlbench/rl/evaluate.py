@@ -93,6 +93,32 @@ def plot_adaptation(results: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_training(histories: dict[str, list[dict]], path, title: str) -> None:
+    """Meta-training curves: each policy's average return per meta-iteration, before and after the
+    inner update (the pretrained baseline has no inner update during training: one line)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mamlbench.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for (name, history), colour in zip(histories.items(), ("tab:blue", "tab:orange", "tab:green")):
+        its = [h["iteration"] + 1 for h in history]
+        post = [h["returns/post_update"] for h in history]
+        pre = [h.get("returns/pre_update", float("nan")) for h in history]
+        ax.plot(its, post, color=colour, label=f"{name}, after the inner update" if name == "maml" else name)
+        if name == "maml":
+            ax.plot(its, pre, color=colour, ls="--", alpha=0.7, label=f"{name}, before")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("average return (training tasks)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
 def plot_navigation_trace(results: dict, episodes: dict[str, list[Episodes]], path, task: int = 0,
                           n: int = 5, policy: str = "maml") -> None:
     """2D navigation: start, goal and `n` trajectories before and after one inner step on one task."""

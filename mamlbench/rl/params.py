@@ -37,6 +37,9 @@ class RLEnvParams:
     meta_batch_size: int = knob(20, "Tasks per meta-update (paper: 20 for 2D navigation, 40 otherwise).", ge=1)
     iterations: int = knob(150, "Meta-iterations (TRPO steps).", ge=1)
     pretrain_iterations: int = knob(150, "TRPO steps of the baseline pretrained on all tasks (no inner update).", ge=1)
+    time_budget_minutes: float | None = knob(None, "Stop meta-training after the iteration that passes this much "
+                                                   "wall time, and give the pretrained baseline as many iterations; "
+                                                   "null: run `iterations`.", gt=0)
     first_order: bool = knob(False, "Drop the inner update's second-order term from the meta-gradient and HVPs.")
     gamma: float = knob(0.99, "Discount of the returns the advantages use.", gt=0, le=1)
     gae_lambda: float = knob(1.0, "GAE lambda; 1 is the paper's return minus baseline.", ge=0, le=1)

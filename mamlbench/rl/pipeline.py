@@ -22,8 +22,9 @@ MODELS = ("maml", "pretrained")
 Progress = Callable[[str, int, int], None]   # (label, done, total)
 
 
-def _setup(params_path: str | Path, env: str, seed: int | None = None) -> tuple[Params, RLEnvParams]:
-    params = load_params(params_path, seed=seed)
+def _setup(params_path: str | Path, env: str, seed: int | None = None,
+           profile: str | None = None) -> tuple[Params, RLEnvParams]:
+    params = load_params(params_path, profile, seed=seed)
     p = params.rl.env(env)
     torch.set_num_threads(params.rl.threads)
     return params, p
@@ -34,43 +35,47 @@ def _logged(params: Params, env: str, p: RLEnvParams) -> dict:
 
 
 def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_path: str | Path,
-              progress: Progress | None = None, seed: int | None = None) -> dict:
+              progress: Progress | None = None, seed: int | None = None, profile: str | None = None) -> dict:
     """Meta-train MAML-TRPO and the pretrained baseline on `env` into out_dir/{maml,pretrained}/.
 
     Each is its own MLflow run (`<env>__<model>__seed<seed>`), reopened when resuming. Writes the
     last iteration's metrics of both to `metrics_path`.
     """
     from mamlbench.rl.train import checkpoint_extra, train
-    params, p = _setup(params_path, env, seed)
-    summary = {}
+    params, p = _setup(params_path, env, seed, profile)
+    summary, reached = {}, None
     for model in MODELS:
         run_dir = Path(out_dir) / model
-        run_id = checkpoint_extra(run_dir).get("mlflow_run_id")
+        run_id = checkpoint_extra(env, p, params.seed, run_dir, model == "pretrained").get("mlflow_run_id")
         with start_run(params, "rl", f"{env}__{model}__seed{params.seed}", run_id=run_id,
                        tags={"env": env, "model": model}, log_params=_logged(params, env, p)) as tracker:
+            budget = p.time_budget_minutes
             train(env, p, params.seed, run_dir, pretrain=model == "pretrained",
+                  iterations=reached if model == "pretrained" and budget else None,
+                  time_budget_s=60 * budget if model == "maml" and budget else None,
                   log=lambda it, m: tracker.log_metrics(m, step=it),
                   progress=None if progress is None else (lambda d, t, model=model: progress(f"{env} {model}", d, t)),
                   extra={"mlflow_run_id": tracker.run_id})
             tracker.log_artifact(run_dir / "history.json")
         history = json.loads((run_dir / "history.json").read_text())
-        summary[model] = dict(history[-1]) if history else {}
+        summary[model] = {**(dict(history[-1]) if history else {}), "iterations": len(history)}
+        reached = reached or len(history)
     write_json(metrics_path, summary)
     return summary
 
 
 def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metrics_path: str | Path,
-                 plots_dir: str | Path, seed: int | None = None) -> dict:
+                 plots_dir: str | Path, seed: int | None = None, profile: str | None = None) -> dict:
     """Adaptation returns of meta-trained, pretrained and random policies on the fixed test tasks.
 
     Writes the per-step means and 95% CIs to `metrics_path`, every per-task return to
     runs_dir/evaluate.json, and to `plots_dir`: adaptation.csv (for `dvc plots`), adaptation.png
     (the paper's fig. 5) and, for 2D navigation, trace.png.
     """
-    from mamlbench.rl.evaluate import evaluate, plot_adaptation, plot_navigation_trace
+    from mamlbench.rl.evaluate import evaluate, plot_adaptation, plot_navigation_trace, plot_training
     from mamlbench.rl.maml_trpo import make_policy
     from mamlbench.rl.train import load_policy
-    params, p = _setup(params_path, env, seed)
+    params, p = _setup(params_path, env, seed, profile)
     policies = {m: load_policy(Path(runs_dir) / m / "policy.pt") for m in MODELS}
     probe = policies["maml"]
     policies["random"] = make_policy(probe.mu[0].in_features, probe.log_std.numel(), p.hidden, params.seed)
@@ -90,9 +95,11 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
                 w.writerow([m, int(k.split("_")[1]), v["mean"], v["ci95"]])
         write_text(plots_dir / "adaptation.csv", rows.getvalue())
         plot_adaptation(results, plots_dir / "adaptation.png")
+        histories = {m: json.loads((Path(runs_dir) / m / "history.json").read_text()) for m in MODELS}
+        plot_training(histories, plots_dir / "training.png", f"{env}: meta-training")
         if env == "navigation":
             plot_navigation_trace(results, episodes, plots_dir / "trace.png", n=p.evaluate.trace_episodes)
         tracker.log_metrics({f"{m}/{k}": v["mean"] for m, steps in summary.items() for k, v in steps.items()})
-        for name in ("adaptation.png", "trace.png"):
+        for name in ("adaptation.png", "training.png", "trace.png"):
             tracker.log_artifact(plots_dir / name)
     return summary

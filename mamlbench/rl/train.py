@@ -2,7 +2,10 @@
 
 Every meta-iteration draws its tasks and episodes from seeds derived from (seed, iteration) alone,
 and TRPO keeps no optimiser state, so a run resumed from a checkpoint (policy, iteration, metrics
-history) repeats an uninterrupted one exactly on the CPU.
+history) repeats an uninterrupted one exactly on the CPU. Checkpoints go through the few-shot
+loop's `Checkpointer`: checksummed, the newest two kept, and stamped with a fingerprint of the
+settings, so a run with other settings (`dvc exp run -S rl.navigation.inner_lr=...`) starts afresh
+instead of resuming a policy trained under the old ones.
 
 Example:
     policy = train("navigation", params.rl.navigation, seed=0, out_dir="runs/rl/navigation/maml")
@@ -10,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +25,7 @@ from mamlbench.rl.envs import sample_tasks
 from mamlbench.rl.maml_trpo import MetaConfig, is_finite, make_policy, meta_step
 from mamlbench.rl.params import RLEnvParams
 from mamlbench.rl.sampler import Sampler
+from mamlbench.train import Checkpointer, fingerprint
 
 LogFn = Callable[[int, dict[str, float]], None]
 TASKS, EPISODES = 0, 1   # seed streams: (seed, iteration, stream)
@@ -36,28 +41,45 @@ def meta_config(p: RLEnvParams, inner_steps: int | None = None) -> MetaConfig:
     return cfg if inner_steps is None else dataclasses.replace(cfg, inner_steps=inner_steps)
 
 
+# What does not change a run's trajectory: budgets, logging, evaluation, the vector-env flavour.
+_NOT_IN_FINGERPRINT = ("iterations", "pretrain_iterations", "time_budget_minutes", "checkpoint_every", "log_every",
+                       "evaluate", "vector")
+
+
+def checkpointer(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, pretrain: bool) -> Checkpointer:
+    settings = {k: v for k, v in dataclasses.asdict(p).items() if k not in _NOT_IN_FINGERPRINT}
+    return Checkpointer(Path(out_dir) / "checkpoints",
+                        fingerprint({"env": env_name, "seed": seed, "pretrain": pretrain, "settings": settings}))
+
+
 def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pretrain: bool = False,
           log: LogFn | None = None, progress: Callable[[int, int], None] | None = None,
-          iterations: int | None = None, extra: dict | None = None) -> nn.Module:
+          iterations: int | None = None, extra: dict | None = None, time_budget_s: float | None = None) -> nn.Module:
     """MAML-TRPO (or, with `pretrain`, TRPO on all tasks without an inner update) on `env_name`.
 
-    Writes `out_dir/checkpoint.pt` every `p.checkpoint_every` iterations and at the end, and
+    Writes `out_dir/checkpoints/` every `p.checkpoint_every` iterations and at the end, and
     `out_dir/policy.pt` + `out_dir/history.json` when done; resumes from the checkpoint if present.
     `log(iteration, metrics)` is called every `p.log_every` iterations (e.g. MLflow);
     `progress(done, total)` after every iteration; `extra` (e.g. the MLflow run id) is kept in the
-    checkpoint, see `checkpoint_extra`.
+    checkpoint, see `checkpoint_extra`. With `time_budget_s`, training stops after the iteration
+    that passes that much wall time (counted across resumes); the checkpoint marks the run finished,
+    so rerunning does not train further.
     """
     out_dir = Path(out_dir)
     total = iterations or (p.pretrain_iterations if pretrain else p.iterations)
     cfg = meta_config(p, 0 if pretrain else None)
     sampler = Sampler(env_name, p.horizon, p.vector)
     policy = make_policy(sampler.obs_dim, sampler.act_dim, p.hidden, seed)
-    start, history = 0, []
-    ckpt = out_dir / "checkpoint.pt"
-    if ckpt.exists():
-        state = load_torch(ckpt)
+    start, history, seconds = 0, [], 0.0
+    ckpts = checkpointer(env_name, p, seed, out_dir, pretrain)
+    state = ckpts.latest()
+    ckpts.discard_foreign()
+    if state is not None:
         policy.load_state_dict(state["policy"])
-        start, history = state["iteration"], state["history"]
+        start, history, seconds = state["iteration"], state["history"], state.get("seconds", 0.0)
+        if state.get("out_of_time") and time_budget_s is not None and seconds >= time_budget_s:
+            total = start
+    began = time.perf_counter() - seconds
     try:
         for it in range(start, total):
             tasks = sample_tasks(env_name, p.meta_batch_size, (seed, it, TASKS), p.horizon)
@@ -67,11 +89,15 @@ def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pret
             history.append({"iteration": it, **metrics})
             if log is not None and (it % p.log_every == 0 or it == total - 1):
                 log(it, metrics)
-            if (it + 1) % p.checkpoint_every == 0 or it == total - 1:
-                save_torch(ckpt, {"policy": policy.state_dict(), "iteration": it + 1, "history": history,
-                                  "extra": dict(extra or {})})
+            seconds = time.perf_counter() - began
+            out_of_time = time_budget_s is not None and seconds >= time_budget_s
+            if (it + 1) % p.checkpoint_every == 0 or it == total - 1 or out_of_time:
+                ckpts.save({"policy": policy.state_dict(), "iteration": it + 1, "history": history,
+                            "seconds": seconds, "out_of_time": out_of_time, "extra": dict(extra or {})})
             if progress is not None:
                 progress(it + 1, total)
+            if out_of_time:
+                break
     finally:
         sampler.close()
     save_torch(out_dir / "policy.pt", {"policy": policy.state_dict(), "hidden": list(p.hidden),
@@ -80,10 +106,10 @@ def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pret
     return policy
 
 
-def checkpoint_extra(out_dir: str | Path) -> dict:
-    """The `extra` dict of the run's checkpoint ({} when there is none yet)."""
-    ckpt = Path(out_dir) / "checkpoint.pt"
-    return load_torch(ckpt).get("extra", {}) if ckpt.exists() else {}
+def checkpoint_extra(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, pretrain: bool) -> dict:
+    """The `extra` dict of the run's newest checkpoint of these settings ({} when there is none yet)."""
+    state = checkpointer(env_name, p, seed, out_dir, pretrain).latest()
+    return state.get("extra", {}) if state else {}
 
 
 def load_policy(path: str | Path) -> nn.Module:
