@@ -18,8 +18,9 @@ Measured on torch 2.14.1 (CPU, 2 shared cores): second order and first order bot
 eager ones (< 1e-10) and the float64 per-task reference (< 1e-5) (tests/test_fast_path.py).
 Compilation: 20-90 s per test-sized graph, 222 s for the Omniglot conv4 (meta-batch 32), 15 s for
 either once Inductor's on-disk cache holds the graph; once per learner, shape, precision,
-first_order and inner_steps. benchmarks/meta_step.py against the hand-written per-task loop:
-sinusoid 12.4x (vmap 10.2x), Omniglot 5w1s 12.5x at 18x the peak memory (3.1 GiB). GPU timings:
+first_order and inner_steps. benchmarks/meta_step.py against the hand-written per-task loop on a
+quiet 2-core CPU: sinusoid 12.5x, Omniglot 5w1s 0.56x at 16x the peak memory (3.1 GiB): batched
+convolutions lose on the CPU, which is why `auto` picks this path on CUDA only. GPU timings:
 benchmarks/gpu_check.sh.
 
 The forward still returns a `MetaOutput` whose `loss.backward()` yields the meta-gradient
