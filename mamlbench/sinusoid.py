@@ -36,6 +36,8 @@ def run_fingerprint(params: Params, kind: str) -> str:
     section = to_dict(params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain)
     for key in ("iterations", "checkpoint_every", "log_every"):
         section.pop(key)
+    if section.get("precision") == "fp32":   # the default: checkpoints from before the knob existed still resume
+        section.pop("precision")
     return fingerprint({"kind": kind, "seed": params.seed, "hidden": params.sinusoid.hidden, **section})
 
 
