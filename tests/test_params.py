@@ -88,3 +88,13 @@ def test_seed_and_overrides_win_over_the_file(tmp_path):
     assert params.seed == 3 and params.seeds == [0, 3] and params.variants.maml.train["inner_lr"] == 0.2
     with pytest.raises(ConfigError, match="seeds"):
         load_params(write_params(tmp_path / "bad.yaml", {"seeds": [-1]}))
+
+
+def test_help_shows_the_defaults_it_names_in_brackets():
+    """rich reads `[tune.n_trials]` as markup and drops it unless escaped: --help must still say it."""
+    from typer.testing import CliRunner
+    from mamlbench.cli import app
+    out = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "200"}).output
+    assert "[tune.n_trials]" in out and "[tune.total_trials]" in out and "[sqlite:///optuna.db]" in out
+    out = CliRunner().invoke(app, ["rl", "evaluate", "--help"], env={"COLUMNS": "200"}).output
+    assert "[<runs>/metrics.json]" in out

@@ -35,8 +35,8 @@ def envs() -> None:
 @app.command()
 def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, halfcheetah_vel, ant_dir or ant_vel."),
           params: Path = ParamsOpt,
-          out: Path = typer.Option(None, help="Run folder; maml/ and pretrained/ go inside [runs/rl/<env>]."),
-          metrics: Path = typer.Option(None, help="Final training metrics JSON [<out>/train.json]."),
+          out: Path = typer.Option(None, help="Run folder; maml/ and pretrained/ go inside \\[runs/rl/<env>]."),
+          metrics: Path = typer.Option(None, help="Final training metrics JSON \\[<out>/train.json]."),
           progress: bool = typer.Option(True, help="Show a progress bar."), seed: int = SeedOpt,
           profile: str = ProfileOpt) -> None:
     """Meta-train MAML-TRPO and the pretrained baseline, resuming from checkpoints."""
@@ -63,9 +63,9 @@ def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, half
 @app.command()
 def evaluate(env: str = typer.Argument(..., help="An environment trained with `mamlbench rl train`."),
              params: Path = ParamsOpt,
-             runs: Path = typer.Option(None, help="Run folder holding maml/ and pretrained/ [runs/rl/<env>]."),
-             metrics: Path = typer.Option(None, help="Metrics JSON [<runs>/metrics.json]."),
-             plots: Path = typer.Option(None, help="Plot folder [reports/rl/<env>]."), seed: int = SeedOpt,
+             runs: Path = typer.Option(None, help="Run folder holding maml/ and pretrained/ \\[runs/rl/<env>]."),
+             metrics: Path = typer.Option(None, help="Metrics JSON \\[<runs>/metrics.json]."),
+             plots: Path = typer.Option(None, help="Plot folder \\[reports/rl/<env>]."), seed: int = SeedOpt,
              profile: str = ProfileOpt) -> None:
     """Return after 0..K inner steps for meta-trained, pretrained and random policies (95% CIs)."""
     from mamlbench.rl.pipeline import evaluate_env
