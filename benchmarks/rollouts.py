@@ -49,12 +49,13 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=20, help="Episodes per task (the paper: 20).")
     ap.add_argument("--horizon", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--vector", choices=["sync", "async"], default="sync")
+    ap.add_argument("--vector", choices=["sync", "async", "sharded"], default="sync")
+    ap.add_argument("--workers", type=int, default=2, help="Processes of the sharded vector env.")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    sampler = Sampler("halfcheetah_dir", args.horizon, args.vector)
+    sampler = Sampler("halfcheetah_dir", args.horizon, args.vector, args.workers)
     policy = make_policy(sampler.obs_dim, sampler.act_dim, [100, 100], 0)
     params, buffers = split_state(policy)
     tasks = sample_tasks("halfcheetah_dir", args.tasks, 0, args.horizon)
@@ -71,7 +72,8 @@ def main() -> None:
     sampler.close()
 
     print(f"HalfCheetah, {args.tasks} tasks x {args.episodes} episodes x {args.horizon} steps, "
-          f"{args.vector} vector env, {args.repeats} repeats, torch threads {args.threads}")
+          f"{args.vector} vector env{f' ({args.workers} workers)' if args.vector == 'sharded' else ''}, "
+          f"{args.repeats} repeats, torch threads {args.threads}")
     med = {k: statistics.median(v) for k, v in rates.items()}
     for k, v in med.items():
         print(f"  {k:<11} {v:>10.0f} env steps/s (median; runs: {', '.join(f'{x:.0f}' for x in rates[k])})")

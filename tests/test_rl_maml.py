@@ -87,6 +87,12 @@ def test_seeded_rollouts_repeat_exactly():
     d = asynchronous.sample(policy, per_task, buffers, tasks, 3, seed=(5, 1), per_task=True)
     asynchronous.close()
     assert torch.equal(a.rewards, d.rewards) and torch.equal(a.obs, d.obs)
+    sharded = Sampler("halfcheetah_vel", horizon=20, vector="sharded", workers=4)   # 6 slots: shards of 1 and 2
+    e = sharded.sample(policy, per_task, buffers, tasks, 3, seed=(5, 1), per_task=True)
+    f = sharded.sample(policy, per_task, buffers, tasks, 3, seed=(5, 2), per_task=True)   # the workers live on
+    sharded.close()
+    for x, y in ((a, e), (c, f)):
+        assert torch.equal(x.rewards, y.rewards) and torch.equal(x.obs, y.obs) and torch.equal(x.mask, y.mask)
 
 
 TINY = RLEnvParams(horizon=10, hidden=[16, 16], n_episodes=2, meta_batch_size=2, iterations=3,

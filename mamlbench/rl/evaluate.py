@@ -54,7 +54,7 @@ def adaptation_returns(policy: nn.Module, sampler: Sampler, tasks: list, p: RLEn
 def evaluate(env_name: str, policies: dict[str, nn.Module], p: RLEnvParams) -> tuple[dict, dict[str, list[Episodes]]]:
     """Metrics {policy: {step k: {mean, ci95, per_task}}} and the episodes (for trace plots)."""
     tasks = sample_tasks(env_name, p.evaluate.n_tasks, (p.evaluate.seed, 0), p.horizon)
-    sampler = Sampler(env_name, p.horizon, p.vector)
+    sampler = Sampler(env_name, p.horizon, p.vector, p.workers)
     results, episodes = {}, {}
     try:
         for name, policy in policies.items():

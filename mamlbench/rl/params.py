@@ -48,8 +48,11 @@ class RLEnvParams:
     cg_damping: float = knob(1e-5, "Added to the Fisher-vector products: keeps CG well posed.", ge=0)
     ls_max_steps: int = knob(15, "Backtracking line search: trials before keeping the old policy.", ge=1)
     ls_backtrack_ratio: float = knob(0.5, "Step shrink factor per trial.", gt=0, lt=1)
-    vector: str = knob("sync", "gymnasium vector env: sync (one process) or async (a process per episode "
-                               "slot: only for small batches of expensive envs).", choices=["sync", "async"])
+    vector: str = knob("sync", "Vector env: sync (one process), async (a process per episode slot: only for "
+                               "small batches of expensive envs) or sharded (`workers` processes, each stepping "
+                               "a shard: MuJoCo on every core). The same episodes whichever.",
+                       choices=["sync", "async", "sharded"])
+    workers: int = knob(2, "Processes of the sharded vector env (one per core).", ge=1)
     checkpoint_every: int = knob(10, "Write a resumable checkpoint every this many meta-iterations.", ge=1)
     log_every: int = knob(1, "Log metrics every this many meta-iterations.", ge=1)
     evaluate: RLEvalParams = section(RLEvalParams)

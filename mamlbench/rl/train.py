@@ -43,7 +43,7 @@ def meta_config(p: RLEnvParams, inner_steps: int | None = None) -> MetaConfig:
 
 # What does not change a run's trajectory: budgets, logging, evaluation, the vector-env flavour.
 _NOT_IN_FINGERPRINT = ("iterations", "pretrain_iterations", "time_budget_minutes", "checkpoint_every", "log_every",
-                       "evaluate", "vector")
+                       "evaluate", "vector", "workers")
 
 
 def checkpointer(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, pretrain: bool) -> Checkpointer:
@@ -68,7 +68,7 @@ def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pret
     out_dir = Path(out_dir)
     total = iterations or (p.pretrain_iterations if pretrain else p.iterations)
     cfg = meta_config(p, 0 if pretrain else None)
-    sampler = Sampler(env_name, p.horizon, p.vector)
+    sampler = Sampler(env_name, p.horizon, p.vector, p.workers)
     policy = make_policy(sampler.obs_dim, sampler.act_dim, p.hidden, seed)
     start, history, seconds = 0, [], 0.0
     ckpts = checkpointer(env_name, p, seed, out_dir, pretrain)
