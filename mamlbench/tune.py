@@ -127,8 +127,31 @@ def storage_for(url: str | None, root: str | Path = ".", *, heartbeat_interval: 
         if beat:
             beat["heartbeat_stale_trial_callback"] = on_stale
         if url.startswith("sqlite:"):  # several processes on one file: wait for the lock instead of failing
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}}, **beat)
+            return _serializable(optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}},
+                                                            **beat))
         return optuna.storages.RDBStorage(url, **beat)
+
+
+def _serializable(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
+    """Make every SQLite transaction take the write lock when it begins (`BEGIN IMMEDIATE`).
+
+    Optuna claims a queued trial (a retry) by reading it WAITING and writing it RUNNING, relying on
+    `SELECT ... FOR UPDATE`, which SQLite ignores: two workers could both read WAITING and run the
+    same trial (seen once in 4-worker runs: "Cannot tell a PRUNED trial"). SQLAlchemy's recipe for
+    pysqlite: leave transactions to SQLAlchemy and begin them IMMEDIATE, so read-then-write is atomic.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(storage.engine, "connect")
+    def _no_implicit_transactions(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(storage.engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    storage.engine.dispose()   # pooled connections made before the hooks: reconnect with them
+    return storage
 
 
 def suggest(trial: optuna.Trial, tune: TuneParams, benchmark: str, algorithm: str) -> dict[str, Any]:
