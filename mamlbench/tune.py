@@ -127,9 +127,22 @@ def storage_for(url: str | None, root: str | Path = ".", *, heartbeat_interval: 
         if beat:
             beat["heartbeat_stale_trial_callback"] = on_stale
         if url.startswith("sqlite:"):  # several processes on one file: wait for the lock instead of failing
-            return _serializable(optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}},
-                                                            **beat))
-        return optuna.storages.RDBStorage(url, **beat)
+            return _serializable(_rdb(url, engine_kwargs={"connect_args": {"timeout": 120}}, **beat))
+        return _rdb(url, **beat)
+
+
+def _rdb(url: str, attempts: int = 5, **kwargs) -> optuna.storages.RDBStorage:
+    """`RDBStorage`, retried: workers that start together on a new database race to create its schema
+    (seen: "UNIQUE constraint failed: alembic_version.version_num"); the loser finds it made."""
+    import sqlalchemy.exc
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _serializable(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
