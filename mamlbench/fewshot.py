@@ -23,7 +23,7 @@ from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
 from mamlbench.schema import to_dict
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
-                             write_curve)
+                             trajectory_settings, write_curve)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,11 +62,8 @@ def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, 
 
 
 def run_fingerprint(params: Params, benchmark: str, algorithm: str, setting: str) -> str:
-    cfg = to_dict(fewshot_train(params, benchmark, algorithm, setting))
-    for key in ("checkpoint_every", "log_every", "validate_every"):
-        cfg.pop(key)
-    if cfg.get("precision") == "fp32":   # the default: checkpoints from before the knob existed still resume
-        cfg.pop("precision")
+    cfg = trajectory_settings(to_dict(fewshot_train(params, benchmark, algorithm, setting)),
+                              ("checkpoint_every", "log_every", "validate_every"))
     bench = getattr(params, benchmark)
     return fingerprint({"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": bench.model,
                         "hidden": bench.hidden,

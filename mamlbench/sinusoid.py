@@ -20,7 +20,7 @@ from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.mlp import MLP
 from mamlbench.schema import to_dict
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
-                             write_curve)
+                             trajectory_settings, write_curve)
 
 MODELS = ("maml", "pretrain")
 
@@ -33,11 +33,8 @@ def build_model(params: Params) -> MLP:
 
 def run_fingerprint(params: Params, kind: str) -> str:
     """What fixes a training trajectory (budgets and logging periods excluded: a run may be extended)."""
-    section = to_dict(params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain)
-    for key in ("iterations", "checkpoint_every", "log_every"):
-        section.pop(key)
-    if section.get("precision") == "fp32":   # the default: checkpoints from before the knob existed still resume
-        section.pop("precision")
+    section = trajectory_settings(to_dict(params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain),
+                                  ("iterations", "checkpoint_every", "log_every"))
     return fingerprint({"kind": kind, "seed": params.seed, "hidden": params.sinusoid.hidden, **section})
 
 

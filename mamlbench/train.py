@@ -35,6 +35,12 @@ def fingerprint(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def trajectory_settings(section: dict, ignore: tuple[str, ...]) -> dict:
+    """A train section without the keys in `ignore` (budgets, logging: they leave the trajectory as it
+    is) and without `precision` at its default fp32, so checkpoints from before that knob still resume."""
+    return {k: v for k, v in section.items() if k not in ignore and not (k == "precision" and v == "fp32")}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,7 +25,7 @@ from mamlbench.rl.envs import sample_tasks
 from mamlbench.rl.maml_trpo import MetaConfig, is_finite, make_policy, meta_step
 from mamlbench.rl.params import RLEnvParams
 from mamlbench.rl.sampler import Sampler
-from mamlbench.train import Checkpointer, fingerprint
+from mamlbench.train import Checkpointer, fingerprint, trajectory_settings
 
 LogFn = Callable[[int, dict[str, float]], None]
 TASKS, EPISODES = 0, 1   # seed streams: (seed, iteration, stream)
@@ -47,7 +47,7 @@ _NOT_IN_FINGERPRINT = ("iterations", "pretrain_iterations", "time_budget_minutes
 
 
 def checkpointer(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, pretrain: bool) -> Checkpointer:
-    settings = {k: v for k, v in dataclasses.asdict(p).items() if k not in _NOT_IN_FINGERPRINT}
+    settings = trajectory_settings(dataclasses.asdict(p), _NOT_IN_FINGERPRINT)
     return Checkpointer(Path(out_dir) / "checkpoints",
                         fingerprint({"env": env_name, "seed": seed, "pretrain": pretrain, "settings": settings}))
 
