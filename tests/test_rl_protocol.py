@@ -65,3 +65,17 @@ def test_profiles_use_the_reference_trpo_and_dynamics(profile):
         assert (e.ls_backtrack_ratio, e.ls_max_steps, e.max_kl, e.cg_iters, e.cg_damping) == (0.8, 15, 0.01, 10, 1e-5)
         assert (e.reset, e.observation, e.evaluate.balanced) == ("rllab", "rllab", True)
     assert [p.env(e).frame_skip for e in ENV_NAMES] == [1, 1, 1, 2, 2]
+
+
+def test_dynamics_knobs_enter_the_checkpoint_fingerprint(tmp_path):
+    """A run under gymnasium's dynamics never resumes one under rllab's; evaluation-only knobs do not count."""
+    import dataclasses
+    from mamlbench.rl.train import checkpointer
+    p = RLParams().ant_vel
+
+    def fp(q):
+        return checkpointer("ant_vel", q, 0, tmp_path, False).run_fingerprint
+    changed = [dataclasses.replace(p, frame_skip=5), dataclasses.replace(p, reset="gymnasium"),
+               dataclasses.replace(p, observation="gymnasium"), dataclasses.replace(p, ls_backtrack_ratio=0.5)]
+    assert len({fp(p), *map(fp, changed)}) == 5
+    assert fp(dataclasses.replace(p, evaluate=dataclasses.replace(p.evaluate, balanced=False))) == fp(p)

@@ -94,7 +94,7 @@ class LocomotionTask(gym.Wrapper):
     """
 
     def __init__(self, env: gym.Env, mode: str, cost_keys: tuple[str, ...], velocity_high: float,
-                 velocity_bonus: float = 0.0, reset: str = "rllab", observation: str = "gymnasium",
+                 velocity_bonus: float = 0.0, reset: str = "gymnasium", observation: str = "gymnasium",
                  rllab_obs: Callable[[Any], np.ndarray] | None = None, init_qpos: np.ndarray | None = None):
         if mode not in ("direction", "velocity"):
             raise ValueError(f"mode must be direction or velocity, got {mode!r}")
