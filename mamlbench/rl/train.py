@@ -68,7 +68,7 @@ def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pret
     out_dir = Path(out_dir)
     total = iterations or (p.pretrain_iterations if pretrain else p.iterations)
     cfg = meta_config(p, 0 if pretrain else None)
-    sampler = Sampler(env_name, p.horizon, p.vector, p.workers)
+    sampler = Sampler(env_name, p.horizon, p.vector, p.workers, p.env_options())
     policy = make_policy(sampler.obs_dim, sampler.act_dim, p.hidden, seed)
     start, history, seconds = 0, [], 0.0
     ckpts = checkpointer(env_name, p, seed, out_dir, pretrain)
