@@ -230,3 +230,25 @@ def test_ci_is_the_references_formula():
     mean = sum(values) / 5
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / 5)
     assert mean_ci95(values) == pytest.approx((mean, 1.96 * std / math.sqrt(5)), rel=1e-12)
+
+
+def test_paper_sinusoid_is_the_readme_command_and_the_baseline_trains_on_k_points():
+    """main.py:4,7-8 and 238: K = 10 support and 10 query points, meta-batch 25, 70,000 iterations; the
+    baseline's pretrain_op fits inputa, the K support points of 25 tasks (maml.py:142, main.py:101-107)."""
+    s = PAPER.sinusoid
+    assert (s.train.k_shot, s.train.k_query, s.train.meta_batch_size, s.train.iterations) == (10, 10, 25, 70000)
+    assert (s.pretrain.k, s.pretrain.batch_tasks, s.pretrain.iterations) == (10, 25, 70000)
+    assert s.evaluate.n_query is None and s.evaluate.n_tasks == 600 and max(s.evaluate.inner_steps) == 10
+    assert s.init == "reference" and s.hidden == [40, 40]
+
+
+def test_sinusoid_reference_init_is_a_truncated_normal_of_std_0_01():
+    """maml.py:170-176: tf.truncated_normal(stddev=0.01) (redrawn beyond 2 std), biases tf.zeros."""
+    from mamlbench.models.mlp import MLP
+    torch.manual_seed(0)
+    net = MLP(1, [40, 40], 1, init="reference")
+    weights = torch.cat([m.weight.flatten() for m in net.net if isinstance(m, torch.nn.Linear)]).double()
+    assert weights.abs().max() <= 0.02
+    truncated_std = 0.01 * math.sqrt(1 - 2 * 2 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2)))
+    assert abs(weights.std().item() - truncated_std) < 0.1 * truncated_std
+    assert all(bool((m.bias == 0).all()) for m in net.net if isinstance(m, torch.nn.Linear))
