@@ -19,7 +19,8 @@ def _clock(seconds: float) -> str:
 class Progress:
     """`update(done, status)` after each step; `close()` (or the `with` block's end) prints the last line.
 
-    Plain lines name done/total, the percentage, the rate of this process, the ETA and `status`.
+    Plain lines come at every `every_pct` mark and, between marks, every `every_s` seconds; each names
+    done/total, the percentage, the rate of this process, the ETA and `status`.
     """
 
     def __init__(self, label: str, total: int, *, start: int = 0, enabled: bool = True, stream: TextIO | None = None,
@@ -29,7 +30,7 @@ class Progress:
         self.every_pct, self.every_s = every_pct, every_s
         self.done, self.status, self._bar = start, "", None
         self._began = self._printed_at = time.monotonic()
-        self._printed_pct = -1.0
+        self._printed_pct, self._mark = -1.0, -1   # the last line's percentage and `every_pct` mark
         if enabled and self.stream.isatty():
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn,
@@ -65,7 +66,7 @@ class Progress:
         if self.status:
             text += f", {self.status}"
         print(text, file=self.stream, flush=True)
-        self._printed_at, self._printed_pct = time.monotonic(), pct
+        self._printed_at, self._printed_pct, self._mark = time.monotonic(), pct, int(pct // self.every_pct)
 
     def update(self, done: int, status: str | None = None) -> None:
         self.done = done
@@ -77,7 +78,7 @@ class Progress:
             self._bar.update(self._task, completed=done, status=self.status)
             return
         pct = 100.0 * done / self.total if self.total else 100.0
-        if pct - self._printed_pct >= self.every_pct or time.monotonic() - self._printed_at >= self.every_s:
+        if int(pct // self.every_pct) > self._mark or time.monotonic() - self._printed_at >= self.every_s:
             self._line()
 
     def close(self) -> None:

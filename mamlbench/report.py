@@ -151,9 +151,12 @@ def differs(cells: dict, mark: str) -> dict:
     return {label: mark if any(v != common for v in vs) else "" for label, vs in cells.items()}
 
 
-def _one(records: list[dict], key: str, show=lambda v: str(v)) -> str:
+def _one(records: list[dict], key: str, show=str) -> str:
+    """The value every record has for `key`, or how many different ones there are."""
     values = list(dict.fromkeys(r.get(key) for r in records))
-    return show(values[0]) if len(values) == 1 else f"{len(values)} different"
+    if len(values) > 1:
+        return f"{len(values)} different"
+    return "none" if values[0] is None else show(values[0])
 
 
 def provenance_line(trained: list[dict], evaluated: list[dict], used: str = "") -> str:
