@@ -59,6 +59,9 @@ class MetaTrainParams:
     meta_batch_size: int = knob(25, "Tasks per meta-update.", ge=1)
     meta_lr: float = knob(1e-3, "Adam step size beta of the meta-update.", gt=0)
     iterations: int = knob(70000, "Meta-updates.", ge=1)
+    time_budget_minutes: float | None = knob(None, "Stop after the meta-update that passes this much wall time "
+                                                   "(summed over resumes; a rerun trains no further); null: run "
+                                                   "`iterations`. train.json records the iterations reached.", gt=0)
     k_shot: int = knob(10, "Support examples per task (K).", ge=1)
     k_query: int = knob(10, "Query examples per task.", ge=1)
     grad_clip: float | None = knob(None, "Clip the meta-gradient's global norm to this; null: no clipping.", gt=0)
@@ -123,6 +126,9 @@ class FewShotTrainParams:
     meta_batch_size: int = knob(32, "Tasks per meta-update.", ge=1)
     meta_lr: float = knob(1e-3, "Adam step size of the meta-update (Reptile with sgd: epsilon).", gt=0)
     iterations: int = knob(60000, "Meta-updates.", ge=1)
+    time_budget_minutes: float | None = knob(None, "Stop after the meta-update that passes this much wall time "
+                                                   "(summed over resumes; a rerun trains no further); null: run "
+                                                   "`iterations`. train.json records the iterations reached.", gt=0)
     n_query: int = knob(15, "Query images per class in training episodes.", ge=1)
     k_shot: int | None = knob(None, "Support images per class in training episodes; null: the setting's K "
                                     "(Reptile's reference trains on more: --train-shots).", ge=1)

@@ -17,10 +17,11 @@ from mamlbench.config import Params
 from mamlbench.data.sinusoid import fixed_test_tasks, sample_points, sample_tasks, task_batch
 from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.mlp import MLP
+from mamlbench.provenance import identity, record
 from mamlbench.stats import mean_ci95
 from mamlbench.schema import to_dict
-from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
-                             trajectory_settings, write_curve)
+from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, meta_update, resolve_device, run_loop,
+                             train_provenance, trajectory_settings, write_curve)
 
 MODELS = ("maml", "pretrain")
 
@@ -31,16 +32,16 @@ def build_model(params: Params) -> MLP:
     return MLP(1, params.sinusoid.hidden, 1, init=params.sinusoid.init)
 
 
-def run_fingerprint(params: Params, kind: str) -> str:
+def trajectory(params: Params, kind: str) -> dict:
     """What fixes a training trajectory (budgets and logging periods excluded: a run may be extended)."""
     section = trajectory_settings(to_dict(params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain),
-                                  ("iterations", "checkpoint_every", "log_every"))
-    return fingerprint({"kind": kind, "seed": params.seed, "hidden": params.sinusoid.hidden,
-                        "init": params.sinusoid.init, **section})
+                                  ("iterations", "time_budget_minutes", "checkpoint_every", "log_every"))
+    return {"kind": kind, "seed": params.seed, "hidden": params.sinusoid.hidden, "init": params.sinusoid.init,
+            **section}
 
 
 def checkpointer(params: Params, kind: str, run_dir: str | Path) -> Checkpointer:
-    return Checkpointer(Path(run_dir) / "checkpoints", run_fingerprint(params, kind))
+    return Checkpointer(Path(run_dir) / "checkpoints", identity(__name__, trajectory(params, kind)))
 
 
 def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict | None = None,
@@ -85,15 +86,18 @@ def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict 
 
         setting = f"lr={cfg.lr}"
 
-    loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"sinusoid {kind}", setting=setting)
-    result = run_loop(learner, optimizer, step, loop, checkpointer(params, kind, run_dir),
-                      resume_state=resume_state, log=log, extra=extra, progress=progress)
+    loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"sinusoid {kind}", setting=setting,
+                      time_budget_minutes=getattr(cfg, "time_budget_minutes", None))  # the baseline has none
+    checkpoints = checkpointer(params, kind, run_dir)
+    result = run_loop(learner, optimizer, step, loop, checkpoints, resume_state=resume_state, log=log, extra=extra,
+                      progress=progress)
     if not distributed.is_main():  # rank 0 writes the outputs
         return result
     save_torch(run_dir / "model.pt", {"state_dict": model.state_dict(), "hidden": params.sinusoid.hidden,
                                       "kind": kind, "iterations": result.iterations})
     write_curve(run_dir / "curve.csv", result.history)
-    write_json(run_dir / "train.json", {"iterations": result.iterations, **result.last()})
+    write_json(run_dir / "train.json", {"iterations": result.iterations, **result.last(),
+                                        "provenance": train_provenance(result, checkpoints, params, device)})
     return result
 
 
@@ -124,7 +128,8 @@ def evaluate(params: Params, model_paths: dict[str, str | Path], out_dir: str | 
                 mean, ci = mean_ci95(mse[:, s].numpy())
                 metrics.setdefault(name, {}).setdefault(f"k{k}", {})[f"step{s}"] = {"mse": mean, "ci95": ci}
                 rows += [f"{name},{k},{s},{t},{v:.6g}" for t, v in enumerate(mse[:, s].tolist())]
-    write_json(out_dir / "metrics.json", metrics)
+    protocol = identity(__name__, {"evaluate": to_dict(cfg)})
+    write_json(out_dir / "metrics.json", {**metrics, "provenance": record(protocol, params.profile, "cpu")})
     write_text(out_dir / "per_task.csv", "\n".join(rows) + "\n")
     plot_fits(models, tasks, support_x, support_y, cfg.inner_lr, out_dir / "fits.png")
     return metrics

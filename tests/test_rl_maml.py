@@ -148,7 +148,8 @@ def test_cli_train_and_evaluate_smoke(tmp_path, monkeypatch):
                               "--metrics", str(tmp_path / "eval.json"), "--plots", str(tmp_path / "plots")])
     assert run.exit_code == 0, run.output
     metrics = json.loads((tmp_path / "eval.json").read_text())
-    assert set(metrics) == {"maml", "pretrained", "random"} and set(metrics["maml"]) == {f"step_{k}" for k in range(4)}
+    assert set(metrics) == {"maml", "pretrained", "random", "provenance"}
+    assert set(metrics["maml"]) == {f"step_{k}" for k in range(4)} and metrics["provenance"]["torch"]
     assert all((tmp_path / "plots" / f).stat().st_size > 1000 for f in ("adaptation.png", "trace.png", "training.png"))
     assert len((tmp_path / "plots" / "adaptation.csv").read_text().splitlines()) == 1 + 3 * 4
     bad = runner.invoke(app, ["train", "pong", "-p", str(params)])

@@ -14,6 +14,7 @@ from scipy import stats
 from torch import nn
 
 from mamlbench.algorithms.core import split_state
+from mamlbench.progress import Progress
 from mamlbench.rl.envs import Navigation2DEnv, sample_tasks
 from mamlbench.rl.maml_trpo import adapt, episode_advantages, MetaConfig
 from mamlbench.rl.params import RLEnvParams
@@ -55,15 +56,18 @@ def evaluate(env_name: str, policies: dict[str, nn.Module], p: RLEnvParams) -> t
     tasks = sample_tasks(env_name, p.evaluate.n_tasks, (p.evaluate.seed, 0), p.horizon, p.evaluate.balanced)
     sampler = Sampler(env_name, p.horizon, p.vector, p.workers, p.env_options())
     results, episodes = {}, {}
+    bar = Progress(f"evaluate {env_name}", len(policies))  # a line per policy adapted
     try:
-        for name, policy in policies.items():
+        for i, (name, policy) in enumerate(policies.items()):
             returns, eps = adaptation_returns(policy, sampler, tasks, p, p.evaluate.seed)
+            bar.update(i + 1, status=f"{name} adapted")
             results[name] = {f"step_{k}": dict(zip(("mean", "ci95"), confidence_interval(r)),
                                                per_task=[float(x) for x in r])
                              for k, r in enumerate(returns)}
             episodes[name] = eps
     finally:
         sampler.close()
+        bar.close()
     return {"env": env_name, "tasks": tasks, "policies": results}, episodes
 
 
