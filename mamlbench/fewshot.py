@@ -24,7 +24,7 @@ from mamlbench.provenance import digest, file_digest, identity, record
 from mamlbench.schema import to_dict
 from mamlbench.stats import mean_ci95
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, meta_update, resolve_device, run_loop,
-                             trajectory_settings, write_curve)
+                             train_provenance, trajectory_settings, write_curve)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
