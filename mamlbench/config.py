@@ -389,9 +389,12 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None, se
                 overrides: dict[str, Any] | None = None) -> Params:
     """Read, apply the profile (`profile` overrides the file's), then `seed` and dotted `overrides`
     (e.g. a tuning trial's), validate; `ConfigError` on bad input."""
+    from mamlbench import guards
     raw = read_raw(path)
     if profile is not None:
         raw["profile"] = profile
+    guards.check_params_file(raw, path)
+    guards.as_written(lambda written: build(Params, written), raw, path, raw["profile"])
     raw = apply_profile(raw)
     if seed is not None:
         raw["seed"] = seed

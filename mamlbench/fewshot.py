@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import distributed, rng
+from mamlbench import distributed, guards, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotTrainParams, Params, fewshot_train
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
 from mamlbench.data.prepared import load_split, read_meta
 from mamlbench.data.sampler import EpisodeSampler
-from mamlbench.io import load_torch, save_torch, write_json, write_text
+from mamlbench.io import save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
 from mamlbench.schema import to_dict
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
@@ -184,7 +184,9 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     if not source.is_file():
         raise ValueError(f"{source}: no trained model; run `mamlbench train {benchmark} --algorithm {algorithm} "
                          f"--setting {setting}` first")
-    state = load_torch(source)
+    state = guards.load_model_file(source, f"retrain with `mamlbench train {benchmark}`, or restore the file")
+    guards.check_model_identity(state, source, benchmark=benchmark, algorithm=algorithm, setting=setting,
+                                seed=params.seed)
     learner = build_learner(params, benchmark, algorithm, setting, cfg, split.images.shape[2], split.images.shape[3])
     learner.load_state_dict(state["learner"])
     learner.to(device)
@@ -192,7 +194,8 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     per_step = {f"step{s}": dict(zip(("acc", "ci95"), mean_ci95(acc[:, s]))) for s in range(acc.shape[1])}
     mean, ci = mean_ci95(acc[:, -1])
     metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
-               "checkpoint_iteration": state["iteration"], "per_step": per_step}
+               "checkpoint_iteration": state["iteration"], "per_step": per_step,
+               "episodes": guards.episode_set_id(episodes, acc.shape[0])}
     write_json(out_dir / "metrics.json", metrics)
     rows = ["episode,inner_steps,acc"] + [f"{e},{s},{acc[e, s].item():.6g}" for e in range(acc.shape[0])
                                           for s in range(acc.shape[1])]
