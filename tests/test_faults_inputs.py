@@ -112,7 +112,16 @@ def cases(w: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, dict]:
-    w = tmp_path_factory.mktemp("faults")
+    w = build_world(tmp_path_factory.mktemp("faults"))
+    sums = {f: (w / "reports" / f).read_bytes() for f in ["README.md", *(f"figures/{x.name}"
+                                                                         for x in (w / "reports/figures").iterdir())]}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "faults_cli.py"), "cases.json", "results.json"], cwd=w,
+                   check=True, timeout=900, env={**_env(), "PYTHONPATH": str(ROOT)})
+    return w, {"results": json.loads((w / "results.json").read_text()), "reports": sums}
+
+
+def build_world(w: Path) -> Path:
+    """The trained runs, copies and mangled files the cases need, and cases.json."""
     glyphs = make_glyphs(w / "glyphs")
     episodize(glyphs / "prepared", glyphs / "episodes", [EpisodeSetting(5, 5, 5), EpisodeSetting(10, 1, 5)],
               splits=["val", "test"], n_val=20, n_test=40, seed=EpisodesParams().seed)
@@ -171,11 +180,7 @@ def world(tmp_path_factory) -> tuple[Path, dict]:
         hidden=[16], horizon=5, evaluate={"n_tasks": 2, "inner_lrs": [0.1], "n_episodes": 1, "trace_episodes": 1}))
 
     (w / "cases.json").write_text(json.dumps(cases(w)))
-    sums = {f: (w / "reports" / f).read_bytes() for f in ["README.md", *(f"figures/{x.name}"
-                                                                         for x in (w / "reports/figures").iterdir())]}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "faults_cli.py"), "cases.json", "results.json"], cwd=w,
-                   check=True, timeout=900, env={**_env(), "PYTHONPATH": str(ROOT)})
-    return w, {"results": json.loads((w / "results.json").read_text()), "reports": sums}
+    return w
 
 
 def _env() -> dict:
