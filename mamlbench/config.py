@@ -394,11 +394,12 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None, se
     if profile is not None:
         raw["profile"] = profile
     guards.check_params_file(raw, path)
-    guards.as_written(lambda written: build(Params, written), raw, path, raw["profile"])
-    raw = apply_profile(raw)
+    written, raw = raw, apply_profile(raw)
     if seed is not None:
         raw["seed"] = seed
-    return build(Params, apply_overrides(raw, overrides or {}))
+    params = build(Params, apply_overrides(raw, overrides or {}))
+    guards.as_written(lambda sections: build(Params, sections), written, path, written["profile"])
+    return params
 
 
 def with_seed(params: Params, seed: int | None) -> Params:
