@@ -74,11 +74,14 @@ def check_writable_dir(folder: str | Path, what: str) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{what} {folder}: is a file, not a folder (pick a folder path)")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        for p in created:   # a refused command leaves no empty folders behind; the writer makes them again
+            p.rmdir()
     except OSError as err:
         raise ValueError(f"{what} {folder}: not writable: {err.strerror or err} (pick a folder you can write)") from None
     return folder
