@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import distributed, rng
+from mamlbench import distributed, guards, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
 from mamlbench.data.prepared import content_hash, load_split, read_meta
 from mamlbench.data.sampler import EpisodeSampler
-from mamlbench.io import load_torch, save_torch, write_json, write_text
+from mamlbench.io import save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
 from mamlbench.progress import Progress
 from mamlbench.provenance import digest, file_digest, identity, record
@@ -230,7 +230,9 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     if not source.is_file():
         raise ValueError(f"{source}: no trained model; run `mamlbench train {benchmark} --algorithm {algorithm} "
                          f"--setting {setting}` first")
-    state = load_torch(source)
+    state = guards.load_model_file(source, f"retrain with `mamlbench train {benchmark}`, or restore the file")
+    guards.check_model_identity(state, source, benchmark=benchmark, algorithm=algorithm, setting=setting,
+                                seed=params.seed)
     learner = build_learner(params, benchmark, algorithm, setting, resolved, split.images.shape[2],
                             split.images.shape[3])
     learner.load_state_dict(state["learner"])
@@ -245,6 +247,7 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
                         data_hash(prepared, episodes_dir, ev.split, cell))
     metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
                "checkpoint": source.name, "checkpoint_iteration": state["iteration"], "per_step": per_step,
+               "episodes": guards.episode_set_id(episodes, acc.shape[0]),
                "provenance": record(protocol, params.profile, device, model=source.name)}
     write_json(out_dir / "metrics.json", metrics)
     rows = ["episode,inner_steps,acc"] + [f"{e},{s},{acc[e, s].item():.6g}" for e in range(acc.shape[0])
