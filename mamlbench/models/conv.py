@@ -15,8 +15,13 @@ Choices, checked against the original TensorFlow code (cbfinn/maml, `maml.py`):
 - BatchNorm keeps no running statistics (`track_running_stats=False`): the core normalises every
   forward with the statistics of the batch it sees, as the original did (`is_training` always on),
   so buffers would only be written and never read. MAML++ swaps in its own per-step layers.
-- BatchNorm is affine (scale and shift); the original's `tf.contrib.layers.batch_norm` learned the
-  shift only (TF's default `scale=False`). The scale is what MAML++'s per-step weights refine.
+- BatchNorm, as the original's `tf.contrib.layers.batch_norm` (TF defaults `center=True`,
+  `scale=False`, `epsilon=0.001`): a learned shift, no scale, eps 1e-3 (`norm="shift"`); `norm="affine"`
+  learns a scale too (PyTorch's default, and what MAML++'s per-step weights refine). The shift-only
+  scale is a frozen parameter of ones, so every algorithm passes it through unchanged.
+- Initial weights (`init="reference"`, the original's `construct_conv_weights`/`construct_fc_weights`):
+  Xavier-uniform convolutions, the Omniglot head N(0, 1), the mini-ImageNet head Xavier-uniform, the
+  MLP's layers N(0, 0.01) truncated at 2 std, every bias 0; `init="torch"` keeps PyTorch's defaults.
 
 References: Finn, Abbeel & Levine, ICML 2017 (section 5.2 and the released code); Vinyals et al.,
 "Matching Networks for One Shot Learning", NeurIPS 2016 (the conv4 embedding).
@@ -31,14 +36,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+Norm = Literal["shift", "affine"]
+Init = Literal["reference", "torch"]
+
+
+def batch_norm(kind: type, channels: int, norm: Norm, eps: float) -> nn.modules.batchnorm._BatchNorm:
+    """BatchNorm without running statistics; `norm="shift"` freezes the scale at 1 (no scale learned)."""
+    if norm not in ("shift", "affine"):
+        raise ValueError(f"norm must be shift or affine, got {norm!r}")
+    layer = kind(channels, eps=eps, track_running_stats=False)
+    if norm == "shift":
+        layer.weight.requires_grad_(False)
+    return layer
+
+
+def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
+    """TF's `truncated_normal`: N(0, std) redrawn outside 2 std."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
 class ConvBlock(nn.Sequential):
     """3x3 conv (no bias) -> BatchNorm -> ReLU, downsampled by stride 2 or by a 2x2 max-pool."""
 
-    def __init__(self, in_channels: int, out_channels: int, downsample: Literal["stride", "maxpool"]):
+    def __init__(self, in_channels: int, out_channels: int, downsample: Literal["stride", "maxpool"],
+                 norm: Norm = "affine", norm_eps: float = 1e-5):
         stride = 2 if downsample == "stride" else 1
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels, track_running_stats=False),
+            batch_norm(nn.BatchNorm2d, out_channels, norm, norm_eps),
             nn.ReLU(),
         ]
         if downsample == "maxpool":
@@ -64,6 +89,8 @@ class Conv4(nn.Module):
             "flatten" keeps every position (mini-ImageNet: 5x5xhidden features).
         image_size: side of the square input; only needed for "flatten".
         channels_last: run the convolutions in NHWC memory format (the input is converted).
+        norm, norm_eps: BatchNorm's learned parameters ("shift" or "affine") and epsilon.
+        init: "reference" (the original code's, see the module docstring) or "torch".
 
     Example:
         model = Conv4(1, n_way=5)             # Omniglot: x of shape (N, 1, 28, 28)
@@ -73,11 +100,11 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int, n_way: int, hidden: int = 64,
                  downsample: Literal["stride", "maxpool"] = "stride",
                  pool: Literal["mean", "flatten"] = "mean", image_size: int = 28,
-                 channels_last: bool = False):
+                 channels_last: bool = False, norm: Norm = "affine", norm_eps: float = 1e-5, init: Init = "torch"):
         super().__init__()
         if downsample not in ("stride", "maxpool") or pool not in ("mean", "flatten"):
             raise ValueError(f"downsample must be stride|maxpool and pool mean|flatten, got {downsample!r}, {pool!r}")
-        blocks = [ConvBlock(in_channels if i == 0 else hidden, hidden, downsample) for i in range(4)]
+        blocks = [ConvBlock(in_channels if i == 0 else hidden, hidden, downsample, norm, norm_eps) for i in range(4)]
         if pool == "mean":
             reduce: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
             n_features = hidden
@@ -89,6 +116,17 @@ class Conv4(nn.Module):
         self.channels_last = channels_last
         self.features = nn.Sequential(*blocks, *reduce)
         self.head = nn.Linear(n_features, n_way)
+        if init == "reference":  # cbfinn/maml maml.py construct_conv_weights
+            for m in self.features.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.xavier_uniform_(m.weight)
+            if pool == "mean":  # Omniglot: tf.random_normal([hidden, n_way]), stddev 1
+                nn.init.normal_(self.head.weight, std=1.0)
+            else:               # mini-ImageNet: xavier_initializer
+                nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif init != "torch":
+            raise ValueError(f"init must be reference or torch, got {init!r}")
         if channels_last:
             self.features.to(memory_format=torch.channels_last)
 
@@ -126,7 +164,7 @@ class ReptileConv4(nn.Module):
 
     def __init__(self, in_channels: int, n_way: int, hidden: int = 64,
                  downsample: Literal["stride", "maxpool"] = "stride", image_size: int = 28,
-                 channels_last: bool = False):
+                 channels_last: bool = False, norm_eps: float = 1e-3):
         super().__init__()
         if downsample not in ("stride", "maxpool"):
             raise ValueError(f"downsample must be stride|maxpool, got {downsample!r}")
@@ -135,7 +173,7 @@ class ReptileConv4(nn.Module):
         for i in range(4):
             layers: list[nn.Module] = [
                 SameConv2d(in_channels if i == 0 else hidden, hidden, 3, stride=2 if downsample == "stride" else 1),
-                nn.BatchNorm2d(hidden, eps=1e-3, track_running_stats=False)]
+                batch_norm(nn.BatchNorm2d, hidden, "affine", norm_eps)]
             if downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))  # TF 'same' pooling: the odd last row alone
             blocks.append(nn.Sequential(*layers, nn.ReLU()))
@@ -160,41 +198,52 @@ class FCNet(nn.Module):
         in_features: flattened input size (784 for 28x28 Omniglot); images are flattened here.
         n_way: classes per task.
         hidden: hidden widths (the paper: 256, 128, 64, 64).
+        norm, norm_eps, init: as `Conv4` (reference init: N(0, 0.01) truncated, zero biases).
 
     Example:
         model = FCNet(784, n_way=5)
         logits = model(torch.randn(25, 1, 28, 28))   # (25, 5)
     """
 
-    def __init__(self, in_features: int, n_way: int, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64)):
+    def __init__(self, in_features: int, n_way: int, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64),
+                 norm: Norm = "affine", norm_eps: float = 1e-5, init: Init = "torch"):
         super().__init__()
         sizes = [in_features, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU()]
+            layers += [nn.Linear(a, b, bias=False), batch_norm(nn.BatchNorm1d, b, norm, norm_eps), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(sizes[-1], n_way)
+        if init == "reference":  # cbfinn/maml maml.py construct_fc_weights
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    truncated_normal_(m.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+        elif init != "torch":
+            raise ValueError(f"init must be reference or torch, got {init!r}")
 
     def forward(self, x: Tensor) -> Tensor:  # (N, ...) -> (N, n_way)
         return self.head(self.features(x))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "conv4_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False: Conv4(
-        in_channels, n_way, hidden, "stride", "mean", image_size, channels_last),
-    "conv4_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False: Conv4(
-        in_channels, n_way, hidden, "maxpool", "flatten", image_size, channels_last),
-    "conv4_reptile_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False: ReptileConv4(
-        in_channels, n_way, hidden, "stride", image_size, channels_last),
-    "conv4_reptile_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False:
-        ReptileConv4(in_channels, n_way, hidden, "maxpool", image_size, channels_last),
-    "mlp_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=(256, 128, 64, 64), channels_last=False: FCNet(
-        in_channels * image_size * image_size, n_way, hidden),
+    "conv4_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False, **net: Conv4(
+        in_channels, n_way, hidden, "stride", "mean", image_size, channels_last, **net),
+    "conv4_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False, **net: Conv4(
+        in_channels, n_way, hidden, "maxpool", "flatten", image_size, channels_last, **net),
+    "mlp_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=(256, 128, 64, 64), channels_last=False,
+    **net: FCNet(in_channels * image_size * image_size, n_way, hidden, **net),
+    # Nichol et al.'s network: its own BatchNorm (scale and shift) and init (Glorot, zero biases); the
+    # benchmark's `norm` and `init` describe the MAML code's network, so they are not passed on.
+    "conv4_reptile_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False,
+    norm_eps=1e-3, **net: ReptileConv4(in_channels, n_way, hidden, "stride", image_size, channels_last, norm_eps),
+    "conv4_reptile_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False,
+    norm_eps=1e-3, **net: ReptileConv4(in_channels, n_way, hidden, "maxpool", image_size, channels_last, norm_eps),
 }
 
 
 def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_size: int | None = None,
-                hidden=None, channels_last: bool = False) -> nn.Module:
+                hidden=None, channels_last: bool = False, **net) -> nn.Module:
     """A classifier from `MODELS` by name; unset arguments take the paper's values for that model.
 
     Args:
@@ -204,6 +253,7 @@ def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_
         in_channels, image_size: input shape (defaults: 1x28x28 Omniglot, 3x84x84 mini-ImageNet).
         hidden: filters (conv4) or hidden widths (mlp).
         channels_last: NHWC convolutions (conv4 only; ignored by the MLP).
+        **net: the network's own options (conv4 and mlp: `norm`, `norm_eps`, `init`).
 
     Example:
         model = build_model("conv4_omniglot", n_way=20)
@@ -211,4 +261,4 @@ def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
     kwargs = dict(in_channels=in_channels, image_size=image_size, hidden=hidden, channels_last=channels_last)
-    return MODELS[name](n_way, **{k: v for k, v in kwargs.items() if v is not None})
+    return MODELS[name](n_way, **{k: v for k, v in kwargs.items() if v is not None}, **net)
