@@ -199,6 +199,22 @@ def test_evaluation_adapts_each_task_from_a_copy_of_the_state():
     torch.testing.assert_close(learner.trajectory(sx, sy, qx, qy, inner_steps=3), losses, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("adapt_norm", [True, False])
+def test_inner_adam_adapts_batchnorm_as_asked(adapt_norm):
+    """The reference's inner Adam minimises over every trainable variable, BatchNorm's scale and shift
+    included (adapt_norm true); false leaves them to the meta-update, their Adam moments untouched."""
+    model = small_net()
+    learner = build_algorithm("reptile", model, inner_lr=0.01, inner_steps=2, strategy="loop", adapt_norm=adapt_norm,
+                              params=dict(inner_optimizer="adam", persistent_adam=True))
+    sx, sy = tasks(1)
+    learner(sx, sy, sx, sy).loss.backward()  # .grad = theta - phi
+    names = [k for k, _ in model.named_parameters()]
+    m = dict(zip(names, learner.inner_adam_m.split([p.numel() for p in model.parameters()])))
+    for name, p in model.named_parameters():
+        moved = name not in ("1.weight", "1.bias") or adapt_norm
+        assert bool((p.grad != 0).any()) == moved and bool((m[name] != 0).any()) == moved, name
+
+
 # ---- transductive or not -------------------------------------------------------------------------
 def numpy_forward(w, x):
     """Linear -> BatchNorm (batch statistics, biased variance, eps 1e-3) -> ReLU -> Linear, on one batch."""
@@ -241,7 +257,8 @@ def test_resume_is_bit_exact_with_the_adam_state(tmp_path):
     raw["variants"]["reptile"] = {  # the whole section: the repo's holds the paper's budget
         "train": dict(inner_lr=0.01, inner_steps=3, meta_batch_size=2, strategy="vmap"),
         "options": dict(inner_optimizer="adam", persistent_adam=True, inner_batch_size=3, eval_inner_batch_size=2,
-                        inner_loss="sum")}
+                        inner_loss="sum", transductive_batch="one_per_class"),
+        "omniglot": {"model": "conv4_reptile_omniglot"}}
     params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")
     runs.train_fewshot(params_path, "omniglot", "reptile", "5w1s", tmp_path / "a", progress=False, **data)

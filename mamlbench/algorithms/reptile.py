@@ -184,14 +184,15 @@ class Reptile(MAML):
         self.inner_adam_step.copy_(adam["step"])
 
     def adam_step(self, params: Params, grads: Params, adam: dict, lr: LR) -> Params:
-        """One step of TF's Adam; advances `adam` (rebinding its entries) and returns the new params."""
+        """One step of TF's Adam on the entries of `grads`; advances `adam` (rebinding its entries) and
+        returns those entries' new values."""
         b1, b2 = self.adam_betas
         adam["step"] = step = adam["step"] + 1
         t = step.double()
         lr_t = torch.sqrt(1 - b2 ** t) / (1 - b1 ** t)   # bias correction, in float64
-        adam["m"] = m = {k: b1 * adam["m"][k] + (1 - b1) * g for k, g in grads.items()}
-        adam["v"] = v = {k: b2 * adam["v"][k] + (1 - b2) * g * g for k, g in grads.items()}
-        return {k: p - (lr * lr_t).to(p.dtype) * m[k] / (v[k].sqrt() + self.adam_eps) for k, p in params.items()}
+        adam["m"] = m = {**adam["m"], **{k: b1 * adam["m"][k] + (1 - b1) * g for k, g in grads.items()}}
+        adam["v"] = v = {**adam["v"], **{k: b2 * adam["v"][k] + (1 - b2) * g * g for k, g in grads.items()}}
+        return {k: params[k] - (lr * lr_t).to(params[k].dtype) * m[k] / (v[k].sqrt() + self.adam_eps) for k in grads}
 
     # ---- the inner loop --------------------------------------------------------------------
     def steps(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, n_steps: int, *,
@@ -211,8 +212,9 @@ class Reptile(MAML):
                 return value * y.shape[0] if self.inner_loss == "sum" else value
             # Reptile never differentiates through the inner loop: torch.func.grad, no graph kept.
             grads, _ = inner_grads(loss, params, first_order=True, batched=True)
-            params = sgd_step(params, grads, lr) if self.inner_optimizer == "sgd" else \
-                self.adam_step(params, grads, adam, lr)
+            grads = {k: g for k, g in grads.items() if self.adapts(k)}  # adapt_norm false: BatchNorm's stay
+            params = {**params, **(sgd_step({k: params[k] for k in grads}, grads, lr) if self.inner_optimizer == "sgd"
+                                   else self.adam_step(params, grads, adam, lr))}
             yield params
 
     def minibatches(self, n_tasks: int, n: int, batch: int | None, n_steps: int,
