@@ -225,6 +225,11 @@ class Reptile(MAML):
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaOutput:
         """Adapt to every task; `loss.backward()` puts theta - mean_t phi_t into the parameters' `.grad`."""
+        if self.persistent_adam and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ValueError("persistent_adam: one inner Adam state runs through the meta-batch's tasks in order, "
+                             "which a meta-batch split over processes cannot do (run one process, or set "
+                             "variants.reptile.options.persistent_adam: false)")
         params, buffers = split_state(self.model)
         theta = {k: v.detach() for k, v in params.items()}
         n_tasks, n_support = support_x.shape[:2]
