@@ -52,7 +52,8 @@ def tiny(tmp_path: Path, iterations: int = 12, **train) -> Path:
                      "evaluate": {"inner_steps": 2, "n_episodes": 40, "chunk": 16}},
         "variants": {"mamlpp": {"train": {"inner_lr": 0.4, "inner_steps": 2},
                                 "options": {"multi_step_loss_iterations": 6, "first_order_iterations": 6}},
-                     "reptile": {"train": {"inner_lr": 0.01, "inner_steps": 3}}},
+                     "reptile": {"train": {"inner_lr": 0.01, "inner_steps": 3, "iterations": iterations},
+                                 "evaluate": {"inner_steps": 2}}},  # the section holds the reference budget
     })
 
 

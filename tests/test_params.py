@@ -63,7 +63,7 @@ def test_paper_profile_holds_the_papers_hyperparameters(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [
-    ({"variants": {"reptile": {"train": {"inner_lr": -1}}}}, "variants.reptile.train.inner_lr"),
+    ({"variants": {"reptile": {"train": {"meta_lr": -1}}}}, "variants.reptile.train.meta_lr"),  # quick sets inner_lr
     ({"variants": {"mamlpp": {"options": {"lslrr": True}}}}, "variants.mamlpp.options.lslrr"),
     ({"omniglot": {"run": {"settings": ["9w9s"]}}}, "omniglot.run.settings"),
     ({"omniglot": {"settings": {"5w1s": {"n_way": 5, "k_shot": 1, "n_query": 15, "train": {"inner_steps": 0}}}}},

@@ -153,19 +153,25 @@ def test_anil_cached_features_equal_full_forward():
 # ---- Reptile -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
 def test_reptile_update_equals_its_definition(inner_optimizer):
-    """theta + eps (mean_t phi_t - theta), phi_t from torch.optim on a copy of the model."""
+    """theta + eps (mean_t phi_t - theta), phi_t from torch.optim.SGD or TF's Adam (by hand) on a copy of the model."""
     inner_lr, k, eps = (0.1 if inner_optimizer == "sgd" else 0.01), 3, 0.7
     batch = episodes(3, dtype=torch.float64)
     model = mlp(dtype=torch.float64)
     phis = []
     for t in range(3):
         net = copy.deepcopy(model).train()  # train mode: BatchNorm on batch statistics, as the core
-        opt = (torch.optim.SGD(net.parameters(), lr=inner_lr) if inner_optimizer == "sgd" else
-               torch.optim.Adam(net.parameters(), lr=inner_lr, betas=(0.0, 0.999), eps=1e-8))
-        for _ in range(k):
+        opt = torch.optim.SGD(net.parameters(), lr=inner_lr)
+        v = {name: torch.zeros_like(p) for name, p in net.named_parameters()}
+        for step in range(1, k + 1):
             opt.zero_grad()
             nn.functional.cross_entropy(net(batch[0][t]), batch[1][t]).backward()
-            opt.step()
+            if inner_optimizer == "sgd":
+                opt.step()
+                continue
+            with torch.no_grad():  # tf.train.AdamOptimizer, beta1 = 0: lr sqrt(1 - b2^t) g / (sqrt(v) + 1e-8)
+                for name, p in net.named_parameters():
+                    v[name] = 0.999 * v[name] + 0.001 * p.grad ** 2
+                    p -= inner_lr * (1 - 0.999 ** step) ** 0.5 * p.grad / (v[name].sqrt() + 1e-8)
         phis.append(dict(net.named_parameters()))
     theta = {k_: p.detach().clone() for k_, p in model.named_parameters()}
     expected = {k_: theta[k_] + eps * (torch.stack([phi[k_] for phi in phis]).mean(0) - theta[k_]) for k_ in theta}

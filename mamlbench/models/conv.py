@@ -28,9 +28,11 @@ References: Finn, Abbeel & Levine, ICML 2017 (section 5.2 and the released code)
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -134,6 +136,61 @@ class Conv4(nn.Module):
         return self.head(self.features(x))
 
 
+class SameConv2d(nn.Conv2d):
+    """A convolution padded as TensorFlow's padding='same': output ceil(size / stride), the odd pixel
+    of padding on the bottom/right (PyTorch's symmetric padding shifts a stride-2 grid by one pixel)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads: list[int] = []
+        for size, k, s in reversed(list(zip(x.shape[-2:], self.kernel_size, self.stride))):  # W first, as F.pad
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return self._conv_forward(F.pad(x, pads), self.weight, self.bias)
+
+
+class ReptileConv4(nn.Module):
+    """The network of Nichol et al.'s code (supervised_reptile/models.py), as TensorFlow builds it.
+
+    4 x [3x3 conv with bias, padding 'same'; BatchNorm (scale and shift, eps 1e-3, batch statistics:
+    `tf.layers.batch_normalization(training=True)`); ReLU], downsampled by stride 2 (Omniglot) or by a
+    2x2 max-pool with 'same' padding (mini-ImageNet, pool before the ReLU: the same thing), then the
+    final map *flattened* (2x2x64 Omniglot, 6x6x32 mini-ImageNet) into a linear head. Kernels
+    Glorot-uniform, biases zero (TF's defaults). The flatten runs over (C, H, W) where TF's runs over
+    (H, W, C): a fixed permutation of the head's inputs, the same network under an i.i.d. init.
+
+    Example:
+        model = ReptileConv4(1, n_way=5)        # Omniglot: (N, 1, 28, 28) -> (N, 5)
+    """
+
+    def __init__(self, in_channels: int, n_way: int, hidden: int = 64,
+                 downsample: Literal["stride", "maxpool"] = "stride", image_size: int = 28,
+                 channels_last: bool = False, norm_eps: float = 1e-3):
+        super().__init__()
+        if downsample not in ("stride", "maxpool"):
+            raise ValueError(f"downsample must be stride|maxpool, got {downsample!r}")
+        blocks: list[nn.Module] = []
+        side = image_size
+        for i in range(4):
+            layers: list[nn.Module] = [
+                SameConv2d(in_channels if i == 0 else hidden, hidden, 3, stride=2 if downsample == "stride" else 1),
+                batch_norm(nn.BatchNorm2d, hidden, "affine", norm_eps)]
+            if downsample == "maxpool":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))  # TF 'same' pooling: the odd last row alone
+            blocks.append(nn.Sequential(*layers, nn.ReLU()))
+            side = math.ceil(side / 2)
+        self.channels_last = channels_last
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.head = nn.Linear(hidden * side * side, n_way)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        if channels_last:
+            self.features.to(memory_format=torch.channels_last)
+
+    forward = Conv4.forward  # (N, C, H, W) -> (N, n_way)
+
+
 class FCNet(nn.Module):
     """The paper's "MAML, no conv" classifier: Linear -> BatchNorm -> ReLU per hidden layer.
 
@@ -176,6 +233,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         in_channels, n_way, hidden, "maxpool", "flatten", image_size, channels_last, **net),
     "mlp_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=(256, 128, 64, 64), channels_last=False,
     **net: FCNet(in_channels * image_size * image_size, n_way, hidden, **net),
+    # Nichol et al.'s network: its own BatchNorm (scale and shift) and init (Glorot, zero biases); the
+    # benchmark's `norm` and `init` describe the MAML code's network, so they are not passed on.
+    "conv4_reptile_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False,
+    norm_eps=1e-3, **net: ReptileConv4(in_channels, n_way, hidden, "stride", image_size, channels_last, norm_eps),
+    "conv4_reptile_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False,
+    norm_eps=1e-3, **net: ReptileConv4(in_channels, n_way, hidden, "maxpool", image_size, channels_last, norm_eps),
 }
 
 
@@ -184,7 +247,8 @@ def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_
     """A classifier from `MODELS` by name; unset arguments take the paper's values for that model.
 
     Args:
-        name: conv4_omniglot | conv4_miniimagenet | mlp_omniglot.
+        name: a key of `MODELS` (conv4_omniglot, conv4_miniimagenet, conv4_reptile_omniglot,
+            conv4_reptile_miniimagenet, mlp_omniglot).
         n_way: classes per task.
         in_channels, image_size: input shape (defaults: 1x28x28 Omniglot, 3x84x84 mini-ImageNet).
         hidden: filters (conv4) or hidden widths (mlp).
