@@ -122,6 +122,47 @@ class FCNet(nn.Module):
         return self.head(self.features(x))
 
 
+class VGGMAMLPP(nn.Module):
+    """MAML++'s VGGReLUNormNetwork with max-pooling: 4 x [3x3 conv (stride 1, padding 1, bias),
+    BatchNorm, leaky ReLU, 2x2 max-pool], flattened, then a linear head.
+
+    As the reference (meta_neural_network_architectures.py L545-660): convolution and linear
+    weights xavier-uniform, biases zero; BatchNorm weight 1, bias 0 (MAML++ replaces it by its
+    per-step layer). The conv bias feeding a BatchNorm is kept for parity, though batch statistics
+    cancel it. Features: hidden x 1 x 1 for 28x28 Omniglot, hidden x 5 x 5 for 84x84 mini-ImageNet.
+
+    Args:
+        in_channels: image channels.
+        n_way: classes per task.
+        hidden: filters per conv layer (reference: 64 Omniglot, 48 mini-ImageNet).
+        image_size: side of the square input (sizes the head).
+
+    Example:
+        model = VGGMAMLPP(3, n_way=5, hidden=48, image_size=84)
+        logits = model(torch.randn(10, 3, 84, 84))   # (10, 5)
+    """
+
+    def __init__(self, in_channels: int, n_way: int, hidden: int = 64, image_size: int = 28):
+        super().__init__()
+        layers: list[nn.Module] = []
+        side = image_size
+        for i in range(4):
+            layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, stride=1, padding=1, bias=True),
+                       nn.BatchNorm2d(hidden, track_running_stats=False), nn.LeakyReLU(0.01), nn.MaxPool2d(2)]
+            side //= 2
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for four 2x2 max-pools")
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(hidden * side * side, n_way)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, n_way)
+        return self.head(self.features(x))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "conv4_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False: Conv4(
         in_channels, n_way, hidden, "stride", "mean", image_size, channels_last),
@@ -129,6 +170,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         in_channels, n_way, hidden, "maxpool", "flatten", image_size, channels_last),
     "mlp_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=(256, 128, 64, 64), channels_last=False: FCNet(
         in_channels * image_size * image_size, n_way, hidden),
+    "vgg_mamlpp": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False: VGGMAMLPP(
+        in_channels, n_way, hidden, image_size),
 }
 
 
@@ -137,7 +180,7 @@ def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_
     """A classifier from `MODELS` by name; unset arguments take the paper's values for that model.
 
     Args:
-        name: conv4_omniglot | conv4_miniimagenet | mlp_omniglot.
+        name: conv4_omniglot | conv4_miniimagenet | mlp_omniglot | vgg_mamlpp.
         n_way: classes per task.
         in_channels, image_size: input shape (defaults: 1x28x28 Omniglot, 3x84x84 mini-ImageNet).
         hidden: filters (conv4) or hidden widths (mlp).

@@ -1,0 +1,205 @@
+"""MAML++ against its reference protocol (github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch).
+
+Expected values are computed here from the reference's formulas, in float64, never from the code
+under test: the cosine schedule of `CosineAnnealingLR(T_max=total_epochs)` stepped with the epoch
+index, the MSL importance vector of `get_per_step_loss_importance_vector`, the VGG network's shape
+and init, and the top-k ensemble's accuracy on hand-made logits.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mamlbench.algorithms.mamlpp import MAMLPlusPlus, PerStepBatchNorm
+from mamlbench.models.conv import MODELS, build_model
+
+N_WAY = 3
+
+
+def episodes(n_tasks: int, side: int = 16, k_shot: int = 2, k_query: int = 3, seed: int = 0):
+    """(support_x, support_y, query_x, query_y) of image tasks: class prototypes plus noise, float64."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(n_tasks, N_WAY, 1, side, side, generator=g, dtype=torch.float64)
+
+    def draw(k):
+        y = torch.arange(N_WAY).repeat(k).expand(n_tasks, -1)
+        x = protos[torch.arange(n_tasks)[:, None], y]
+        return x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64), y
+    return (*draw(k_shot), *draw(k_query))
+
+
+def learner(inner_steps: int = 2, **options) -> MAMLPlusPlus:
+    torch.manual_seed(0)
+    model = build_model("vgg_mamlpp", N_WAY, in_channels=1, image_size=16, hidden=4).double()
+    return MAMLPlusPlus(model, inner_lr=0.3, inner_steps=inner_steps, strategy="loop", **options).double()
+
+
+def meta_train(learner: MAMLPlusPlus, updates: int = 3) -> None:
+    opt = torch.optim.Adam(learner.parameters(), lr=0.01)
+    for i in range(updates):
+        learner.set_iteration(i)
+        out = learner(*episodes(2, seed=10 + i))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(eval_running_stats: bool) -> MAMLPlusPlus:
+    lrn = learner(eval_running_stats=eval_running_stats)
+    meta_train(lrn)
+    return lrn
+
+
+def trained(eval_running_stats: bool) -> MAMLPlusPlus:
+    """A learner after 3 meta-updates (its running statistics written), fresh for each test."""
+    return copy.deepcopy(_trained(eval_running_stats))
+
+
+def norms(learner: MAMLPlusPlus) -> list[PerStepBatchNorm]:
+    return [m for m in learner.model.modules() if isinstance(m, PerStepBatchNorm)]
+
+
+def running_stats(learner: MAMLPlusPlus) -> list[torch.Tensor]:
+    return [t.clone() for n in norms(learner) for t in (n.running_mean, n.running_var)]
+
+
+# ---- BatchNorm running statistics at evaluation -----------------------------------------------------
+@pytest.mark.parametrize("eval_running_stats", [True, False])
+def test_evaluation_reads_the_running_stats_only_when_told(eval_running_stats):
+    """true (the paper's text): shifting the per-step statistics moves every adapted query loss;
+    false (the reference code): they are never read, so the result is bit-identical."""
+    lrn = trained(eval_running_stats)  # in training mode, as fewshot's validation finds it
+    assert lrn.training and all(n.running_mean.abs().sum() > 0 for n in norms(lrn))
+    batch = episodes(4, seed=99)
+    before = lrn.trajectory(*batch, inner_steps=2)
+    with torch.no_grad():
+        for n in norms(lrn):
+            n.running_mean += 0.5
+            n.running_var *= 3.0
+    after = lrn.trajectory(*batch, inner_steps=2)
+    if eval_running_stats:
+        assert (before - after).abs().min() > 1e-6, "every task and step must feel the statistics"
+    else:
+        assert torch.equal(before, after)
+    assert lrn.training, "evaluation hands the learner back in the mode it found it"
+
+
+@pytest.mark.parametrize("eval_running_stats", [True, False])
+def test_evaluation_never_writes_the_running_stats(eval_running_stats):
+    lrn = trained(eval_running_stats)
+    stats = running_stats(lrn)
+    lrn.trajectory(*episodes(4, seed=99), inner_steps=2)  # what validation and test run
+    for old, new in zip(stats, running_stats(lrn)):
+        assert torch.equal(old, new)
+    meta_train(lrn, updates=1)                            # while meta-training does write them
+    assert any(not torch.equal(old, new) for old, new in zip(stats, running_stats(lrn)))
+
+
+def test_unread_statistics_do_not_force_the_loop():
+    model = build_model("vgg_mamlpp", N_WAY, in_channels=1, image_size=16, hidden=4)
+    reference = MAMLPlusPlus(model, inner_lr=0.3, inner_steps=2, eval_running_stats=False)
+    assert reference.resolve_strategy(torch.device("cuda")) == "vmap"
+    read = MAMLPlusPlus(build_model("vgg_mamlpp", N_WAY, in_channels=1, image_size=16, hidden=4),
+                        inner_lr=0.3, inner_steps=2, eval_running_stats=True)
+    assert read.resolve_strategy(torch.device("cuda")) == "loop"
+
+
+def test_query_pass_uses_the_slot_of_the_step_before_as_the_reference():
+    """Reference (few_shot_learning_system.py L215-243): the support pass of theta_s and the query pass
+    of theta_s+1 both run with `num_step = s`; S slots. "state": S+1 slots, slot s for theta_s."""
+    batch = episodes(2, seed=5)
+
+    def shifted_trajectory(mode: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lrn = learner(per_step_slots=mode)
+        base = lrn.trajectory(*batch, inner_steps=2)
+        with torch.no_grad():
+            for n in norms(lrn):
+                n.weight[slot] += 0.7
+        return base, lrn.trajectory(*batch, inner_steps=2)
+
+    assert norms(learner(per_step_slots="reference"))[0].weight.shape == (2, 4)
+    assert norms(learner(per_step_slots="state"))[0].weight.shape == (3, 4)
+    base, moved = shifted_trajectory("reference", 1)     # slot 1: support of theta_1, query of theta_2
+    assert torch.equal(base[:, :2], moved[:, :2]) and (base[:, 2] != moved[:, 2]).all()
+    base, moved = shifted_trajectory("reference", 0)     # slot 0: theta_0 everywhere, query of theta_1
+    assert (base[:, 1] != moved[:, 1]).all()
+    base, moved = shifted_trajectory("state", 1)         # state: slot 1 is theta_1's, query included
+    assert torch.equal(base[:, 0], moved[:, 0]) and (base[:, 1] != moved[:, 1]).all()
+
+
+# ---- schedules per epoch --------------------------------------------------------------------------
+def reference_lr(iteration: int, iterations_per_epoch: int, total_epochs: int, base: float, eta_min: float) -> float:
+    """CosineAnnealingLR's closed form at `last_epoch = int(iteration / iterations_per_epoch)`."""
+    epoch = int(iteration / iterations_per_epoch)
+    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * epoch / total_epochs)) / 2
+
+
+def reference_msl(n_steps: int, epoch: int, msl_epochs: int) -> np.ndarray:
+    """get_per_step_loss_importance_vector, rewritten in float64."""
+    weights = np.full(n_steps, 1.0 / n_steps)
+    decay = 1.0 / n_steps / msl_epochs
+    floor = 0.03 / n_steps
+    weights[:-1] = np.maximum(weights[:-1] - epoch * decay, floor)
+    weights[-1] = min(1.0 / n_steps + epoch * (n_steps - 1) * decay, 1.0 - (n_steps - 1) * floor)
+    return weights
+
+
+@pytest.mark.parametrize("base, eta_min", [(1e-3, 1e-5), (2e-3, 1e-4)])  # Omniglot; mini-ImageNet is flat (1e-3, 1e-3)
+def test_cosine_annealing_moves_per_epoch_as_the_reference(base, eta_min):
+    lrn = learner(iterations_per_epoch=500, min_meta_lr=eta_min)
+    for i in (0, 1, 499, 500, 501, 12345, 24999, 25000, 49999):
+        assert lrn.meta_lr(i, 50000, base) == pytest.approx(reference_lr(i, 500, 100, base, eta_min), rel=1e-12)
+    assert lrn.meta_lr(499, 50000, base) == lrn.meta_lr(0, 50000, base)
+    # iterations_per_epoch 1: the cosine of every meta-update
+    stepwise = learner(iterations_per_epoch=1, min_meta_lr=1e-5)
+    assert stepwise.meta_lr(499, 50000, 1e-3) == pytest.approx(reference_lr(499, 1, 50000, 1e-3, 1e-5), rel=1e-12)
+
+
+def test_multi_step_loss_and_derivative_order_move_per_epoch():
+    lrn = learner(inner_steps=5, iterations_per_epoch=500, multi_step_loss_iterations=10 * 500,
+                  derivative_order_annealing=True, first_order_iterations=(3 + 1) * 500)  # reference f = 3
+    for i in (0, 499, 500, 2750, 4999):
+        lrn.set_iteration(i)
+        np.testing.assert_allclose(lrn.step_weights(), reference_msl(5, i // 500, 10), rtol=1e-12)
+    for i in (5000, 7000):  # the reference's epoch >= multi_step_loss_num_epochs: the last step only
+        lrn.set_iteration(i)
+        assert lrn.step_weights() is None
+    for i, first in ((0, True), (1999, True), (2000, False), (2001, False)):  # second order once epoch > f
+        lrn.set_iteration(i)
+        assert lrn.first_order is first
+
+
+# ---- the network ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels, side, hidden, features", [(1, 28, 64, 64), (3, 84, 48, 48 * 5 * 5)])
+def test_vgg_mamlpp_shape_and_init(channels, side, hidden, features):
+    """VGGReLUNormNetwork with max_pooling: 28 -> 14 -> 7 -> 3 -> 1 and 84 -> 42 -> 21 -> 10 -> 5."""
+    torch.manual_seed(0)
+    model = build_model("vgg_mamlpp", 5, in_channels=channels, image_size=side, hidden=hidden)
+    assert "vgg_mamlpp" in MODELS
+    x = torch.randn(7, channels, side, side)
+    assert model.features(x).shape == (7, features) and model(x).shape == (7, 5)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    acts = [m for m in model.modules() if isinstance(m, nn.LeakyReLU)]
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(convs) == len(bns) == len(acts) == len(pools) == 4
+    assert all(a.negative_slope == 0.01 for a in acts) and all(p.kernel_size == 2 for p in pools)
+    for conv in convs:
+        assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+        assert conv.bias is not None and torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    for bn in bns:
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert torch.equal(model.head.bias, torch.zeros(5)) and model.head.in_features == features
+    for layer in [*convs, model.head]:  # xavier uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+        w = layer.weight.detach().double()
+        receptive = w[0, 0].numel() if w.dim() == 4 else 1
+        bound = math.sqrt(6.0 / (w.shape[1] * receptive + w.shape[0] * receptive))
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
