@@ -16,7 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+from mamlbench.algorithms.maml import MAML
 from mamlbench.algorithms.mamlpp import MAMLPlusPlus, PerStepBatchNorm
+from mamlbench.ensemble import Ensemble, keep_top_k, load_top_k, read_top_k
+from mamlbench.fewshot import accuracy
 from mamlbench.models.conv import MODELS, build_model
 
 N_WAY = 3
@@ -203,3 +206,64 @@ def test_vgg_mamlpp_shape_and_init(channels, side, hidden, features):
         bound = math.sqrt(6.0 / (w.shape[1] * receptive + w.shape[0] * receptive))
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
         assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+
+
+# ---- the top-k ensemble -----------------------------------------------------------------------------
+def linear_member(weight, bias) -> MAML:
+    """A 2-feature, 2-way linear classifier with hand-set weights inside MAML (inner_lr 0.5)."""
+    head = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(weight, dtype=torch.float64))
+        head.bias.copy_(torch.tensor(bias, dtype=torch.float64))
+    return MAML(head, inner_lr=0.5, inner_steps=1, strategy="loop")
+
+
+# One task: support = the query here; three queries, labels 0, 1, 1.
+QX = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)
+QY = torch.tensor([[0, 1, 1]])
+MEMBERS = [([[3, 0], [0, 1]], [0, 0]),      # logits [3,0] [0,1] [3,1]: right, right, wrong -> 2/3
+           ([[0, 0], [-2, 10]], [0, 0]),    # [0,-2] [0,10] [0,8]: all right -> 1
+           ([[1, 0], [0, 0]], [0, 0.5])]    # [1,.5] [0,.5] [1,.5]: right, right, wrong -> 2/3
+
+
+def test_ensemble_averages_logits_not_votes_nor_accuracies():
+    """Query 3: members say 0, 1, 0 (a vote: wrong); mean logits [4/3, 19/6] say 1 (right).
+    Mean logits: 3/3 right; a majority vote 2/3; the mean of the members' accuracies 7/9."""
+    ensemble = Ensemble([linear_member(*m) for m in MEMBERS])
+    acc = ensemble.trajectory(QX, QY, QX, QY, inner_steps=0, metric=accuracy)
+    assert acc.shape == (1, 1) and acc.item() == 1.0
+    singles = [linear_member(*m).trajectory(QX, QY, QX, QY, inner_steps=0, metric=accuracy).item() for m in MEMBERS]
+    assert singles == pytest.approx([2 / 3, 1.0, 2 / 3])
+
+
+def test_ensemble_members_adapt_on_their_own():
+    """After one inner SGD step each member has its own theta_1: W - 0.5 (softmax(XW'+b) - Y)' X / n."""
+    x, y = QX[0], torch.nn.functional.one_hot(QY[0], 2).double()
+    logits = []
+    for weight, bias in MEMBERS:
+        w, b = torch.tensor(weight, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64)
+        err = (torch.softmax(x @ w.T + b, -1) - y) / 3
+        w1, b1 = w - 0.5 * err.T @ x, b - 0.5 * err.sum(0)
+        logits.append(x @ w1.T + b1)
+    mean = torch.stack(logits).mean(0)
+    expected_loss = torch.nn.functional.cross_entropy(mean, QY[0])
+    ensemble = Ensemble([linear_member(*m) for m in MEMBERS])
+    got = ensemble.trajectory(QX, QY, QX, QY, inner_steps=1)  # default metric: the members' loss_fn
+    torch.testing.assert_close(got[0, 1], expected_loss, rtol=1e-12, atol=1e-12)
+
+
+def test_keep_top_k_keeps_the_k_best_validations(tmp_path):
+    for iteration, acc in [(100, 0.5), (200, 0.7), (300, 0.6), (400, 0.8), (500, 0.55), (600, 0.7)]:
+        keep_top_k(tmp_path, 3, acc, iteration, lambda: {"iteration": iteration})
+    assert [(e["iteration"], e["acc"]) for e in read_top_k(tmp_path)] == [(400, 0.8), (200, 0.7), (600, 0.7)]
+    assert sorted(p.name for p in (tmp_path / "topk").glob("*.pt")) == [
+        "iter-00000200.pt", "iter-00000400.pt", "iter-00000600.pt"]
+    assert [s["iteration"] for s in load_top_k(tmp_path, 2)] == [400, 200]
+    with pytest.raises(ValueError, match="3 checkpoint"):
+        load_top_k(tmp_path, 5)
+    # a resumed run validates 600 again: its old entry goes first, the new one takes the free place
+    assert keep_top_k(tmp_path, 3, 0.1, 600, lambda: {"iteration": 600, "again": True})
+    assert [(e["iteration"], e["acc"]) for e in read_top_k(tmp_path)] == [(400, 0.8), (200, 0.7), (600, 0.1)]
+    assert load_top_k(tmp_path, 3)[2]["again"]
+    assert not keep_top_k(tmp_path, 3, 0.05, 700, lambda: {"iteration": 700})
+    assert not (tmp_path / "topk" / "iter-00000700.pt").exists()
