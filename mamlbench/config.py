@@ -21,6 +21,7 @@ from mamlbench.algorithms.mamlpp import MAMLPPParams
 from mamlbench.algorithms.metasgd import MetaSGDParams
 from mamlbench.algorithms.reptile import ReptileParams
 from mamlbench.data.params import DataParams
+from mamlbench.models.conv import MODELS
 from mamlbench.rl.params import RLParams
 from mamlbench.schema import ConfigError, build, knob, section, to_dict
 
@@ -108,11 +109,23 @@ class FewShotTrainParams:
     """Meta-training on few-shot classification episodes (Omniglot, mini-ImageNet)."""
     inner_lr: float = knob(0.4, "Inner SGD step size alpha during meta-training.", gt=0)
     inner_steps: int = knob(1, "Inner steps during meta-training.", ge=1)
+    loss_reduction: Literal["mean", "shot_sum"] = knob(
+        "shot_sum", "Cross-entropy of the support and query sets: shot_sum sums it over the examples and divides "
+                    "by K, as the original MAML code's xent (so the inner objective is N x the mean and the paper's "
+                    "alpha means what it meant there); mean averages it (PyTorch's default; alpha then needs N x "
+                    "the paper's value for the same step).")
+    adapt_norm: bool = knob(False, "Adapt the normalisation layers' parameters in the inner loop; the original "
+                                   "code meta-learns them in the outer loop only (false).")
     meta_batch_size: int = knob(32, "Tasks per meta-update.", ge=1)
     meta_lr: float = knob(1e-3, "Adam step size of the meta-update (Reptile with sgd: epsilon).", gt=0)
     iterations: int = knob(60000, "Meta-updates.", ge=1)
     n_query: int = knob(15, "Query images per class in training episodes.", ge=1)
+    k_shot: int | None = knob(None, "Support images per class in training episodes; null: the setting's K "
+                                    "(Reptile's reference trains on more: --train-shots).", ge=1)
     grad_clip: float | None = knob(None, "Clip the meta-gradient's global norm; null: no clipping.", gt=0)
+    grad_clip_value: float | None = knob(None, "Clip every meta-gradient entry to [-value, value] (the original "
+                                               "code on mini-ImageNet: 10, in the loss_reduction convention); "
+                                               "null: no clipping.", gt=0)
     strategy: Strategy = knob("auto", "vmap, loop, compiled (vmap under torch.compile; maml, fomaml, anil, metasgd), "
                                           "or auto (per device and model: compiled on CUDA).")
     checkpointing: bool = knob(False, "Recompute each inner step in the backward: memory flat in inner_steps.")
@@ -133,6 +146,10 @@ class FewShotEvalParams:
     inner_lr: float | None = knob(None, "Inner step size at test time; null: the training inner_lr "
                                         "(Meta-SGD and MAML++ use their learned rates).", gt=0)
     split: Literal["val", "test"] = knob("test", "Which fixed episodes to report.")
+    checkpoint: Literal["best", "final"] = knob("final", "The model tested: final (the original code tests its "
+                                                         "last model) or best (highest validation accuracy).")
+    ensemble: int = knob(1, "Average the logits of the top-k validation checkpoints (MAML++'s protocol: 5); "
+                            "1: one model, as `checkpoint` says.", ge=1)
     n_episodes: int = knob(600, "Fixed episodes evaluated (at most as many as were episodized).", ge=1)
     chunk: int = knob(100, "Episodes per batch in evaluation.", ge=1)
 
@@ -144,6 +161,7 @@ class SettingParams:
     k_shot: int = knob(1, "Support images per class (K).", ge=1)
     n_query: int = knob(15, "Query images per class in the fixed evaluation episodes.", ge=1)
     train: dict[str, Any] = knob({}, "Overrides of the benchmark's train section for this cell.")
+    evaluate: dict[str, Any] = knob({}, "Overrides of the benchmark's evaluate section for this cell.")
 
 
 @dataclass(frozen=True)
@@ -155,10 +173,17 @@ class RunParams:
 
 @dataclass(frozen=True)
 class FewShotParams:
-    model: str = knob("conv4_omniglot", "Network: conv4_omniglot, conv4_miniimagenet or mlp_omniglot.",
-                      choices=["conv4_omniglot", "conv4_miniimagenet", "mlp_omniglot"])
+    model: str = knob("conv4_omniglot", "Network: a name of mamlbench.models.conv.MODELS (conv4_omniglot, "
+                                        "conv4_miniimagenet, mlp_omniglot, ...).", choices=list(MODELS))
     hidden: int | None = knob(None, "Conv filters (conv4) of the network; null: the paper's (64 Omniglot, 32 "
                                     "mini-ImageNet). Smaller is faster and weaker.", ge=1)
+    norm: Literal["shift", "affine"] = knob("shift", "BatchNorm's learned parameters: shift only (the original's "
+                                                     "tf.contrib.layers.batch_norm, scale=False) or scale and shift.")
+    norm_eps: float = knob(1e-3, "BatchNorm epsilon (the original's 1e-3; PyTorch's default is 1e-5).", gt=0)
+    init: Literal["reference", "torch"] = knob("reference", "Initial weights: reference (the original code: "
+                                                            "Xavier convs, Omniglot head N(0, 1), mini-ImageNet head "
+                                                            "Xavier, MLP N(0, 0.01) truncated, zero biases) or "
+                                                            "torch (PyTorch's layer defaults).")
     run: RunParams = section(RunParams)
     settings: dict[str, SettingParams] = knob({}, "Named N-way K-shot cells.")
     train: FewShotTrainParams = section(FewShotTrainParams)
@@ -173,11 +198,35 @@ class FewShotParams:
             build(FewShotTrainParams, {**to_dict(self.train), **cell.train}, f"{where}.settings.{name}.train")
 
 
+@dataclass(frozen=True)
+class VariantSetting:
+    """A variant's overrides for one cell (a key of the benchmark's `settings`)."""
+    train: dict[str, Any] = knob({}, "Overrides of the train section.")
+    evaluate: dict[str, Any] = knob({}, "Overrides of the evaluate section.")
+    options: dict[str, Any] = knob({}, "Overrides of the variant's options.")
+
+
+@dataclass(frozen=True)
+class VariantBenchmark:
+    """A variant's overrides on one benchmark: its reference protocol can differ per dataset."""
+    model: str | None = knob(None, "Network replacing the benchmark's `model`; null: the benchmark's.",
+                             choices=list(MODELS))
+    hidden: int | None = knob(None, "Filters replacing the benchmark's `hidden`; null: the benchmark's.", ge=1)
+    train: dict[str, Any] = knob({}, "Overrides of the train section.")
+    evaluate: dict[str, Any] = knob({}, "Overrides of the evaluate section.")
+    options: dict[str, Any] = knob({}, "Overrides of the variant's options.")
+    settings: dict[str, VariantSetting] = knob({}, "Per-cell overrides, by setting name.")
+
+
 def _variant(name: str, options: type) -> type:
-    """A variant's params: its own options plus overrides of the benchmark's train section."""
+    """A variant's params: its own options, overrides of a benchmark's train and evaluate sections, and
+    per-benchmark (and per-cell) overrides of all three."""
     return dataclasses.make_dataclass(f"{name}Variant", [
         ("train", dict[str, Any], knob({}, "Overrides of the benchmark's train section for this variant.")),
+        ("evaluate", dict[str, Any], knob({}, "Overrides of the benchmark's evaluate section for this variant.")),
         ("options", options, section(options)),
+        ("omniglot", VariantBenchmark, section(VariantBenchmark)),
+        ("mini_imagenet", VariantBenchmark, section(VariantBenchmark)),
     ], frozen=True)
 
 
@@ -278,10 +327,15 @@ class Params:
     tune: TuneParams = section(TuneParams)
 
     def validate(self, where: str = "") -> None:
-        defaults = to_dict(FewShotTrainParams())
-        for name in ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"):
-            build(FewShotTrainParams, {**defaults, **getattr(self.variants, name).train}, f"variants.{name}.train")
         for benchmark in FEWSHOT:
+            bench = getattr(self, benchmark)
+            for name in VARIANTS:
+                unknown = set(getattr(getattr(self.variants, name), benchmark).settings) - set(bench.settings)
+                if unknown:
+                    raise ConfigError(f"variants.{name}.{benchmark}.settings: {', '.join(sorted(unknown))} not a key "
+                                      f"of {benchmark}.settings (have: {', '.join(bench.settings) or 'none'})")
+                for setting in bench.settings:  # every cell resolves and validates
+                    fewshot_cell(self, benchmark, name, setting)
             self._check_cells(benchmark)
         for i, cell in enumerate(self.tune.cells):
             if cell.setting not in getattr(self, cell.benchmark).settings:
@@ -305,20 +359,66 @@ class Params:
             where = f"{benchmark}.settings.{name}"
             if name in trained and n_train is not None and cell.n_way > n_train:
                 raise ConfigError(f"{where}.n_way = {cell.n_way}: more than the {n_train} classes of split 'train'")
-            n_query = max([cell.n_query] + [fewshot_train(self, benchmark, a, name).n_query
-                                            for a in ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")])
-            if cell.k_shot + n_query > per_class:
-                raise ConfigError(f"{where}: k_shot + n_query = {cell.k_shot} + {n_query} > {per_class} images per class")
+            cells = [fewshot_cell(self, benchmark, a, name).train for a in VARIANTS]
+            drawn = max([cell.k_shot + cell.n_query] + [(t.k_shot or cell.k_shot) + t.n_query for t in cells])
+            if drawn > per_class:
+                raise ConfigError(f"{where}: support + query images per class = {drawn} > {per_class} images per class "
+                                  f"(k_shot + n_query, or a variant's train.k_shot + train.n_query)")
 
 
 FEWSHOT = ("omniglot", "mini_imagenet")
+VARIANTS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")
+
+
+@dataclass(frozen=True)
+class FewShotCell:
+    """What one benchmark x variant x setting cell runs, every override applied."""
+    train: FewShotTrainParams
+    evaluate: FewShotEvalParams
+    options: Any          # the variant's options dataclass
+    model: str
+    hidden: int | None
+    norm: str
+    norm_eps: float
+    init: str
+
+
+def _check_keys(cls: type, overrides: dict, where: str) -> None:
+    """Name the exact override path of an unknown key (the merged section would only name the cell)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"unknown key '{where}.{key}' (known here: {', '.join(known)})")
+
+
+def fewshot_cell(params: Params, benchmark: str, algorithm: str, setting: str) -> FewShotCell:
+    """A cell's effective sections. Later wins: the benchmark's section < its `settings[setting]` <
+    `variants.<algorithm>` < `variants.<algorithm>.<benchmark>` < that one's `settings[setting]`."""
+    bench: FewShotParams = getattr(params, benchmark)
+    variant = getattr(params.variants, algorithm)
+    per: VariantBenchmark = getattr(variant, benchmark)
+    cell, per_cell = bench.settings[setting], per.settings.get(setting, VariantSetting())
+    where = f"{benchmark}.{setting}+variants.{algorithm}"
+    layers = ((f"{benchmark}.settings.{setting}", cell), (f"variants.{algorithm}", variant),
+              (f"variants.{algorithm}.{benchmark}", per), (f"variants.{algorithm}.{benchmark}.settings.{setting}",
+                                                           per_cell))
+    train, evaluate = to_dict(bench.train), to_dict(bench.evaluate)
+    for prefix, layer in layers:
+        _check_keys(FewShotTrainParams, layer.train, f"{prefix}.train")
+        _check_keys(FewShotEvalParams, layer.evaluate, f"{prefix}.evaluate")
+        train, evaluate = {**train, **layer.train}, {**evaluate, **layer.evaluate}
+    train, evaluate = build(FewShotTrainParams, train, f"{where}.train"), build(FewShotEvalParams, evaluate,
+                                                                                f"{where}.evaluate")
+    options = variant.options
+    if per.options or per_cell.options:
+        options = build(type(options), {**to_dict(options), **per.options, **per_cell.options}, f"{where}.options")
+    return FewShotCell(train, evaluate, options, per.model or bench.model,
+                       per.hidden if per.hidden is not None else bench.hidden, bench.norm, bench.norm_eps, bench.init)
 
 
 def fewshot_train(params: Params, benchmark: str, algorithm: str, setting: str) -> FewShotTrainParams:
-    """A cell's effective train section: benchmark defaults < setting overrides < variant overrides."""
-    bench: FewShotParams = getattr(params, benchmark)
-    merged = {**to_dict(bench.train), **bench.settings[setting].train, **getattr(params.variants, algorithm).train}
-    return build(FewShotTrainParams, merged, f"{benchmark}.{setting}+variants.{algorithm}.train")
+    """A cell's effective train section (see `fewshot_cell`)."""
+    return fewshot_cell(params, benchmark, algorithm, setting).train
 
 
 # Keys dvc.yaml's matrix/foreach read from params.yaml itself: a profile's value would go unseen by DVC.

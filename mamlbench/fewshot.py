@@ -6,7 +6,6 @@ the same stored episodes, so differences between variants are paired comparisons
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -15,13 +14,14 @@ import torch.nn.functional as F
 
 from mamlbench import distributed, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
-from mamlbench.config import FEWSHOT, FewShotTrainParams, Params, fewshot_train
+from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
 from mamlbench.data.prepared import load_split, read_meta
 from mamlbench.data.sampler import EpisodeSampler
 from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
 from mamlbench.schema import to_dict
+from mamlbench.stats import mean_ci95
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
                              trajectory_settings, write_curve)
 
@@ -44,31 +44,46 @@ def check_cell(params: Params, benchmark: str, algorithm: str, setting: str) -> 
         raise ValueError(f"unknown setting {setting!r} for {benchmark} (have: {', '.join(settings) or 'none'})")
 
 
-def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, cfg: FewShotTrainParams,
+def classification_loss(reduction: str, k_shot: int):
+    """The support and query loss. "shot_sum" is the original MAML code's: `xent` is softmax cross-entropy
+    / K per example (cbfinn/maml utils.py:56-58), and `tf.gradients` of that vector, like the meta-loss's
+    `reduce_sum`, sums it over the examples (maml.py:90, 135-146): sum / K, i.e. N x the mean on a support
+    set of N*K. "mean" is PyTorch's default; a mean-loss step at N*alpha equals a shot_sum step at alpha."""
+    if reduction == "mean":
+        return F.cross_entropy
+    if reduction != "shot_sum":
+        raise ValueError(f"loss_reduction must be mean or shot_sum, got {reduction!r}")
+
+    def shot_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, reduction="sum") / k_shot
+    return shot_sum
+
+
+def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, cfg: FewShotCell,
                   in_channels: int, image_size: int):
     """The variant around a freshly initialised model; the init depends on (seed, benchmark, setting) only."""
     cell = getattr(params, benchmark).settings[setting]
     torch.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-init"))
-    bench = getattr(params, benchmark)
-    hidden = bench.hidden if bench.model.startswith("conv4") else None
-    model = build_model(bench.model, cell.n_way, in_channels=in_channels, image_size=image_size, hidden=hidden)
-    options = getattr(params.variants, algorithm).options
-    learner = build_algorithm(algorithm, model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                              strategy=cfg.strategy, params=options if to_dict(options) else None,
-                              precision=cfg.precision)
-    if cfg.checkpointing:
+    hidden = None if cfg.model.startswith("mlp") else cfg.hidden
+    model = build_model(cfg.model, cell.n_way, in_channels=in_channels, image_size=image_size, hidden=hidden,
+                        norm=cfg.norm, norm_eps=cfg.norm_eps, init=cfg.init)
+    train = cfg.train
+    learner = build_algorithm(algorithm, model, inner_lr=train.inner_lr, inner_steps=train.inner_steps,
+                              strategy=train.strategy, params=cfg.options if to_dict(cfg.options) else None,
+                              precision=train.precision, adapt_norm=train.adapt_norm,
+                              loss_fn=classification_loss(train.loss_reduction, cell.k_shot))
+    if train.checkpointing:
         learner.checkpointing = True
     return learner
 
 
 def run_fingerprint(params: Params, benchmark: str, algorithm: str, setting: str) -> str:
-    cfg = trajectory_settings(to_dict(fewshot_train(params, benchmark, algorithm, setting)),
-                              ("checkpoint_every", "log_every", "validate_every"))
+    cell = fewshot_cell(params, benchmark, algorithm, setting)
+    train = trajectory_settings(to_dict(cell.train), ("checkpoint_every", "log_every", "validate_every"))
     bench = getattr(params, benchmark)
-    return fingerprint({"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": bench.model,
-                        "hidden": bench.hidden,
-                        "cell": to_dict(bench.settings[setting]), "train": cfg,
-                        "options": to_dict(getattr(params.variants, algorithm).options)})
+    return fingerprint({"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": cell.model,
+                        "hidden": cell.hidden, "network": [cell.norm, cell.norm_eps, cell.init],
+                        "cell": to_dict(bench.settings[setting]), "train": train, "options": to_dict(cell.options)})
 
 
 def checkpointer(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path) -> Checkpointer:
@@ -83,10 +98,19 @@ def _episodes(params: Params, benchmark: str, setting: str, split_name: str, pre
 
 
 def score(learner, split, episodes, n_episodes: int, inner_steps: int, inner_lr, device, chunk: int) -> torch.Tensor:
-    """Query accuracy of each stored episode after 0..inner_steps steps: (episodes, steps+1)."""
+    """Query accuracy of each stored episode after 0..inner_steps steps: (episodes, steps+1).
+
+    In eval mode, so a variant whose layers read stored statistics at test time (MAML++'s per-step
+    running statistics) does; MAML's BatchNorm uses each batch's statistics in either mode.
+    """
     n = min(n_episodes, episodes["n_episodes"])
-    rows = [learner.trajectory(*batch, inner_steps=inner_steps, metric=accuracy, inner_lr=inner_lr)
-            for batch in materialize({**episodes, "n_episodes": n}, split, chunk=min(chunk, n), device=device)]
+    was_training = learner.training
+    learner.eval()
+    try:
+        rows = [learner.trajectory(*batch, inner_steps=inner_steps, metric=accuracy, inner_lr=inner_lr)
+                for batch in materialize({**episodes, "n_episodes": n}, split, chunk=min(chunk, n), device=device)]
+    finally:
+        learner.train(was_training)
     return torch.cat(rows)[:n]
 
 
@@ -100,17 +124,18 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
     """
     check_cell(params, benchmark, algorithm, setting)
     run_dir, prepared, episodes_dir = Path(run_dir), Path(prepared), Path(episodes_dir)
-    cfg = fewshot_train(params, benchmark, algorithm, setting)
+    resolved = fewshot_cell(params, benchmark, algorithm, setting)
+    cfg, evaluate_cfg = resolved.train, resolved.evaluate
     batch_key = f"{benchmark}.train.meta_batch_size"  # named when it does not split over the processes
     main = distributed.is_main()
     cell = getattr(params, benchmark).settings[setting]
-    evaluate_cfg = getattr(params, benchmark).evaluate
     device = resolve_device(cfg.device)
     train_split = load_split(prepared, "train")
     val_split, val_episodes = _episodes(params, benchmark, setting, "val", prepared, episodes_dir)
-    sampler = EpisodeSampler.from_split(train_split, cell.n_way, cell.k_shot, cfg.n_query, device=device)
+    sampler = EpisodeSampler.from_split(train_split, cell.n_way, cfg.k_shot or cell.k_shot, cfg.n_query,
+                                        device=device)
     channels, size = train_split.images.shape[2], train_split.images.shape[3]
-    learner = build_learner(params, benchmark, algorithm, setting, cfg, channels, size).to(device)
+    learner = build_learner(params, benchmark, algorithm, setting, resolved, channels, size).to(device)
     sgd_outer = algorithm == "reptile" and learner.meta_optimizer == "sgd"
     optimizer = (torch.optim.SGD if sgd_outer else torch.optim.Adam)(learner.parameters(), lr=cfg.meta_lr)
     best = dict(resume_state["extra"].get("best", {})) if resume_state else {}
@@ -128,7 +153,8 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         # every rank draws the whole meta-batch's indices and builds only its own slice of the tasks
         index = distributed.shard(sampler.indices(cfg.meta_batch_size), cfg.meta_batch_size, batch_key)
         batch = sampler.gather(index)  # support_x (tasks, N*K, C, H, W), support_y, query_x, query_y
-        out = meta_update(learner, optimizer, batch, cfg.grad_clip, after_backward=distributed.all_reduce_grads)
+        out = meta_update(learner, optimizer, batch, cfg.grad_clip, after_backward=distributed.all_reduce_grads,
+                          grad_clip_value=cfg.grad_clip_value)
         metrics = distributed.mean_metrics({  # the full meta-batch's means
             "meta_train/query_loss": out.loss.item(),
             "meta_train/query_acc": accuracy(out.query_outputs, batch.query_y).mean().item()})
@@ -166,33 +192,30 @@ def _model_state(learner, params: Params, benchmark: str, algorithm: str, settin
             "iteration": iteration, "seed": params.seed}
 
 
-def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    values = values.double()
-    return values.mean().item(), 1.96 * values.std(unbiased=True).item() / math.sqrt(values.numel())
-
-
 def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, out_dir: str | Path, *,
              prepared: str | Path, episodes_dir: str | Path) -> dict:
     """Accuracy mean and 95% CI after 0..S inner steps on the fixed test episodes (best checkpoint)."""
     check_cell(params, benchmark, algorithm, setting)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = fewshot_train(params, benchmark, algorithm, setting)
-    ev = getattr(params, benchmark).evaluate
+    resolved = fewshot_cell(params, benchmark, algorithm, setting)
+    cfg, ev = resolved.train, resolved.evaluate
     device = resolve_device(cfg.device)
     split, episodes = _episodes(params, benchmark, setting, ev.split, Path(prepared), Path(episodes_dir))
-    source = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "model.pt"
+    best = run_dir / "best.pt"
+    source = best if ev.checkpoint == "best" and best.is_file() else run_dir / "model.pt"
     if not source.is_file():
         raise ValueError(f"{source}: no trained model; run `mamlbench train {benchmark} --algorithm {algorithm} "
                          f"--setting {setting}` first")
     state = load_torch(source)
-    learner = build_learner(params, benchmark, algorithm, setting, cfg, split.images.shape[2], split.images.shape[3])
+    learner = build_learner(params, benchmark, algorithm, setting, resolved, split.images.shape[2],
+                            split.images.shape[3])
     learner.load_state_dict(state["learner"])
     learner.to(device)
     acc = score(learner, split, episodes, ev.n_episodes, ev.inner_steps, ev.inner_lr, device, ev.chunk)  # (E, S+1)
-    per_step = {f"step{s}": dict(zip(("acc", "ci95"), mean_ci95(acc[:, s]))) for s in range(acc.shape[1])}
-    mean, ci = mean_ci95(acc[:, -1])
+    per_step = {f"step{s}": dict(zip(("acc", "ci95"), mean_ci95(acc[:, s].cpu().numpy()))) for s in range(acc.shape[1])}
+    mean, ci = mean_ci95(acc[:, -1].cpu().numpy())
     metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
-               "checkpoint_iteration": state["iteration"], "per_step": per_step}
+               "checkpoint": source.name, "checkpoint_iteration": state["iteration"], "per_step": per_step}
     write_json(out_dir / "metrics.json", metrics)
     rows = ["episode,inner_steps,acc"] + [f"{e},{s},{acc[e, s].item():.6g}" for e in range(acc.shape[0])
                                           for s in range(acc.shape[1])]

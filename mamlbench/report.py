@@ -19,6 +19,7 @@ import pandas as pd
 
 from mamlbench.config import Params, fewshot_train
 from mamlbench.io import atomic_path, write_text
+from mamlbench.stats import mean_ci95
 
 # Published accuracies (%, ± 95% CI where given) on the benchmarks' own protocols.
 # Omniglot and mini-ImageNet: Finn et al. 2017 table 1 (MAML, "first order approx."); Nichol et al.
@@ -50,14 +51,6 @@ BASELINE = "maml"   # paired comparisons are against this variant
 
 
 # ----------------------------------------------------------------------------- statistics
-def mean_ci95(values) -> tuple[float, float]:
-    """Mean and the half-width of its normal 95% CI (1.96 sd / sqrt(n)); CI 0 for a single value."""
-    values = np.asarray(values, dtype=float)
-    if values.size < 2:
-        return float(values.mean()), 0.0
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
-
-
 def seeds_ci95(means) -> tuple[float, float]:
     """Mean over seeds and the t-based 95% CI of that mean (few seeds: the normal one is too narrow)."""
     means = np.asarray(means, dtype=float)
@@ -232,9 +225,11 @@ def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -
         lines += ["Not run with these params" + (" (opt in: `data.opt_in`)." if benchmark == "mini_imagenet" else "."),
                   "Published: " + "; ".join(f"{a} {s} {v[0]}" for (a, s), v in papers.items()) + ".", ""]
         return lines
-    lines += [f"Test accuracy after {getattr(params, benchmark).evaluate.inner_steps} inner steps on the fixed test "
-              "episodes (best-on-validation checkpoint). One seed: 95% CI over episodes; several: the mean over "
-              "seeds with a t 95% CI over seeds, and their sd (min–max).", "", table(fewshot_table(cells, benchmark)), ""]
+    lines += ["Test accuracy on the fixed test episodes after each variant's test-time inner steps, from the "
+              "checkpoint its protocol tests (both per cell in [docs/protocols.md](../docs/protocols.md) and in "
+              "its `metrics.json`). One seed: 95% CI over episodes (1.96 std / sqrt(n), the reference's formula); "
+              "several: the mean over seeds with a t 95% CI over seeds, and their sd (min–max).", "",
+              table(fewshot_table(cells, benchmark)), ""]
     comparison = paired_table(cells)
     if not comparison.empty:
         lines += ["Paired against MAML on the same test episodes (difference of per-episode accuracy, final step):",

@@ -10,7 +10,7 @@ import contextlib
 from pathlib import Path
 
 from mamlbench import distributed, fewshot, sinusoid
-from mamlbench.config import Params, fewshot_train, load_params, with_seed
+from mamlbench.config import Params, fewshot_cell, fewshot_train, load_params, with_seed
 from mamlbench.schema import to_dict
 from mamlbench.tracking import Tracker, start_run
 from mamlbench.train import resolve_device
@@ -109,9 +109,11 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
     state = _resume_state(checkpoints)
     run_id = state["extra"].get("mlflow_run_id") if state else None
     cell = getattr(params, benchmark).settings[setting]
+    resolved = fewshot_cell(params, benchmark, algorithm, setting)
     logged = {"seed": params.seed, "profile": params.profile, "benchmark": benchmark, "algorithm": algorithm,
-              "setting": setting, "model": getattr(params, benchmark).model, "n_way": cell.n_way, "k_shot": cell.k_shot,
-              "train": to_dict(cfg), "options": to_dict(getattr(params.variants, algorithm).options)}
+              "setting": setting, "model": resolved.model, "n_way": cell.n_way, "k_shot": cell.k_shot,
+              "network": {"norm": resolved.norm, "norm_eps": resolved.norm_eps, "init": resolved.init},
+              "train": to_dict(cfg), "options": to_dict(resolved.options)}
     tags = {"stage": f"{benchmark}-train", "variant": algorithm, "setting": setting,
             "device": str(resolve_device(cfg.device))}
     if state:
@@ -132,7 +134,7 @@ def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm
     params = _load(params_path, seed)
     fewshot.check_cell(params, benchmark, algorithm, setting)
     logged = {"seed": params.seed, "profile": params.profile, "algorithm": algorithm, "setting": setting,
-              "evaluate": to_dict(getattr(params, benchmark).evaluate)}
+              "evaluate": to_dict(fewshot_cell(params, benchmark, algorithm, setting).evaluate)}
     with start_run(params, benchmark, "evaluate-" + cell_name(algorithm, setting, params.seed),
                    tags={"stage": f"{benchmark}-evaluate", "variant": algorithm, "setting": setting},
                    log_params=logged) as tracker:

@@ -117,17 +117,20 @@ def _finite_state(module: nn.Module) -> str | None:
 
 
 def meta_update(learner: nn.Module, optimizer: torch.optim.Optimizer, batch, grad_clip: float | None,
-                after_backward: Callable[[nn.Module], None] | None = None):
+                after_backward: Callable[[nn.Module], None] | None = None, grad_clip_value: float | None = None):
     """One meta-update on a batch of tasks: adapt, back-propagate the mean query loss, step.
 
     `after_backward(learner)` runs between the backward and the clip and step: with several
     processes, `distributed.all_reduce_grads` turns each rank's slice gradient into the full batch's.
+    `grad_clip_value` clips each entry (the original MAML code on mini-ImageNet), `grad_clip` the global norm.
     """
     out = learner(*batch)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     if after_backward is not None:
         after_backward(learner)
+    if grad_clip_value is not None:
+        torch.nn.utils.clip_grad_value_(learner.parameters(), grad_clip_value)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(learner.parameters(), grad_clip)
     optimizer.step()

@@ -168,12 +168,14 @@ def _serializable(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBSto
 
 
 def suggest(trial: optuna.Trial, tune: TuneParams, benchmark: str, algorithm: str) -> dict[str, Any]:
-    """The trial's settings as dotted params keys (variant-level train keys win over the benchmark's)."""
+    """The trial's settings as dotted params keys, at the variant's per-benchmark level, which only a
+    per-cell override outranks (`config.fewshot_cell`)."""
     space = tune.space
+    key = f"variants.{algorithm}.{benchmark}"
     out: dict[str, Any] = {
-        f"variants.{algorithm}.train.inner_lr": trial.suggest_float("inner_lr", *space.inner_lr, log=True),
-        f"variants.{algorithm}.train.inner_steps": trial.suggest_int("inner_steps", *space.inner_steps),
-        f"{benchmark}.evaluate.inner_steps": trial.suggest_int("eval_steps", *space.eval_steps),
+        f"{key}.train.inner_lr": trial.suggest_float("inner_lr", *space.inner_lr, log=True),
+        f"{key}.train.inner_steps": trial.suggest_int("inner_steps", *space.inner_steps),
+        f"{key}.evaluate.inner_steps": trial.suggest_int("eval_steps", *space.eval_steps),
     }
     if algorithm == "metasgd":
         out["variants.metasgd.options.init_inner_lr"] = trial.suggest_float(
@@ -184,9 +186,9 @@ def suggest(trial: optuna.Trial, tune: TuneParams, benchmark: str, algorithm: st
     return out
 
 
-def _budget(tune: TuneParams, algorithm: str) -> dict[str, Any]:
-    """Per-trial budget, at the variant level so no profile or setting override outranks it."""
-    key = f"variants.{algorithm}.train"
+def _budget(tune: TuneParams, benchmark: str, algorithm: str) -> dict[str, Any]:
+    """Per-trial budget, at the variant's per-benchmark level so no profile or setting override outranks it."""
+    key = f"variants.{algorithm}.{benchmark}.train"
     return {f"{key}.iterations": tune.iterations, f"{key}.validate_every": tune.validate_every,
             f"{key}.n_val_episodes": tune.n_val_episodes, f"{key}.checkpoint_every": tune.iterations,
             f"{key}.log_every": tune.validate_every}
@@ -288,7 +290,7 @@ def objective(params_path: str | Path, params: Params, benchmark: str, algorithm
         for key, value in (("worker", worker), ("worker_pid", os.getpid()), ("worker_host", socket.gethostname())):
             trial.set_user_attr(key, value)
         overrides = suggest(trial, tune, benchmark, algorithm)
-        cell = load_params(params_path, profile, seed=params.seed, overrides={**overrides, **_budget(tune, algorithm)})
+        cell = load_params(params_path, profile, seed=params.seed, overrides={**overrides, **_budget(tune, benchmark, algorithm)})
         best = -math.inf
         pruned = None
         logged = {"trial": trial.number, "seed": cell.seed, **trial.params,
@@ -393,9 +395,9 @@ def summarize(study: optuna.Study, benchmark: str, algorithm: str) -> dict:
         return {"study": study.study_name, "best_trial": None, "val_acc": None, "params": {}, "overrides": {},
                 "trials": states, "retries": retries}
     best = max(complete, key=lambda t: (t.value, -t.number))
-    dotted = {f"variants.{algorithm}.train.inner_lr": best.params["inner_lr"],
-              f"variants.{algorithm}.train.inner_steps": best.params["inner_steps"],
-              f"{benchmark}.evaluate.inner_steps": best.params["eval_steps"]}
+    key = f"variants.{algorithm}.{benchmark}"
+    dotted = {f"{key}.train.inner_lr": best.params["inner_lr"], f"{key}.train.inner_steps": best.params["inner_steps"],
+              f"{key}.evaluate.inner_steps": best.params["eval_steps"]}
     if "init_inner_lr" in best.params:
         dotted["variants.metasgd.options.init_inner_lr"] = best.params["init_inner_lr"]
     dotted.update({f"variants.mamlpp.options.{k}": v for k, v in best.params.items()

@@ -57,7 +57,7 @@ def test_paper_profile_holds_the_papers_hyperparameters(tmp_path):
     assert (twenty.inner_lr, twenty.inner_steps, twenty.meta_batch_size) == (0.1, 5, 16)
     mini1, mini5 = (fewshot_train(paper, "mini_imagenet", "maml", s) for s in ("5w1s", "5w5s"))
     assert (mini1.inner_lr, mini1.inner_steps, mini1.meta_batch_size, mini1.n_query) == (0.01, 5, 4, 15)
-    assert mini5.meta_batch_size == 2 and paper.mini_imagenet.evaluate.inner_steps == 10
+    assert mini5.meta_batch_size == 4 and paper.mini_imagenet.evaluate.inner_steps == 10  # README: --meta_batch_size=4
     assert paper.omniglot.evaluate.inner_steps == 10 and paper.omniglot.evaluate.n_episodes == 600
     assert paper.sinusoid.train.iterations == 70000
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, write_params
-from mamlbench.config import fewshot_train, load_params
+from mamlbench.config import fewshot_cell, fewshot_train, load_params
 from test_fewshot import make_glyphs
 
 
@@ -84,9 +84,9 @@ def test_best_settings_file_trains_the_best_trial(tmp_path, glyphs):
     cfg = fewshot_train(tuned, "omniglot", "maml", "5w1s")
     assert cfg.inner_lr == pytest.approx(best["params"]["inner_lr"])
     assert cfg.inner_steps == best["params"]["inner_steps"]
-    assert tuned.omniglot.evaluate.inner_steps == best["params"]["eval_steps"]
+    assert fewshot_cell(tuned, "omniglot", "maml", "5w1s").evaluate.inner_steps == best["params"]["eval_steps"]
     assert tuned.profile.startswith("tuned_") and yaml.safe_load((tmp_path / "tuned" / "params.yaml").read_text())
-    assert best["dvc_exp_run"].startswith("dvc exp run -S 'variants.maml.train.inner_lr=")
+    assert best["dvc_exp_run"].startswith("dvc exp run -S 'variants.maml.omniglot.train.inner_lr=")
     assert len((tmp_path / "tuned" / "trials.csv").read_text().splitlines()) == 4
 
 

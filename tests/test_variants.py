@@ -190,7 +190,7 @@ def test_reptile_meta_lr_anneals_linearly():
 # ---- Meta-SGD ------------------------------------------------------------------------------------
 def test_metasgd_rates_get_gradients_and_equal_maml_at_a_scalar():
     batch = episodes(2, dtype=torch.float64)
-    meta = MetaSGD(mlp(dtype=torch.float64), inner_lr=0.4, inner_steps=2)
+    meta = MetaSGD(mlp(dtype=torch.float64), inner_lr=0.4, inner_steps=2, init_inner_lr=0.4)
     maml = MAML(mlp(dtype=torch.float64), inner_lr=0.4, inner_steps=2)
     (lm, gm), (la, ga) = grads_of(meta, batch), grads_of(maml, batch)
     torch.testing.assert_close(lm, la)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlbench.algorithms.anil import ANIL, ANILParams
+from mamlbench.algorithms.core import norm_parameter_names
 from mamlbench.algorithms.maml import FOMAML, MAML, PRECISIONS, MetaOutput, check_precision
 from mamlbench.algorithms.mamlpp import MAMLPlusPlus, MAMLPPParams
 from mamlbench.algorithms.metasgd import MetaSGD, MetaSGDParams
@@ -50,7 +51,7 @@ PARAMS: dict[str, type | None] = {
 
 def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps: int, strategy: str = "auto",
                     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                    params: Any = None, precision: str = "fp32") -> MAML:
+                    params: Any = None, precision: str = "fp32", adapt_norm: bool = True) -> MAML:
     """The learner `name` around `model`.
 
     Args:
@@ -60,6 +61,9 @@ def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps
         params: the variant's section: its dataclass, a mapping validated into it (`ConfigError`
             on a bad key or value, named `<name>.<key>`), or None for its defaults.
         precision: "fp32" or "bf16" (autocast of the inner loop and query pass; see `MAML`).
+        adapt_norm: False leaves the normalisation layers' parameters out of the inner loop (the
+            original MAML code: its BatchNorm variables are not in `weights`), so only the outer loop
+            learns them.
 
     Example:
         learner = build_algorithm("mamlpp", model, inner_lr=0.1, inner_steps=5,
@@ -82,6 +86,8 @@ def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps
     learner = ALGORITHMS[name](model, inner_lr=inner_lr, inner_steps=inner_steps, strategy=strategy,
                                loss_fn=loss_fn, **kwargs)
     learner.precision = check_precision(precision)  # an attribute: the variants' constructors do not take it
+    if not adapt_norm:
+        learner.inner_frozen = frozenset(norm_parameter_names(model))
     return learner
 
 

@@ -43,6 +43,13 @@ def split_state(model: nn.Module) -> tuple[Params, Params]:
     return params, rest
 
 
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the trainable parameters of `model`'s normalisation layers (BatchNorm, LayerNorm, GroupNorm)."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    return {f"{name}.{p}" if name else p for name, m in model.named_modules() if isinstance(m, kinds)
+            for p, value in m.named_parameters(recurse=False) if value.requires_grad}
+
+
 def _per_task_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     # Native kernel with batch statistics and no running buffers: right for one task at a time.
     return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)

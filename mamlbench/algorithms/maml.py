@@ -60,6 +60,7 @@ class MAML(nn.Module):
 
     checkpointing: bool = False
     precision: str = "fp32"
+    inner_frozen: frozenset[str] = frozenset()  # meta-learned, but left as they are by the inner loop
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, strategy: str = "auto",
@@ -102,8 +103,8 @@ class MAML(nn.Module):
         return self.inner_lrs()
 
     def adapts(self, name: str) -> bool:
-        """Whether the inner loop adapts parameter `name`: all here, the head only in ANIL."""
-        return True
+        """Whether the inner loop adapts parameter `name`: all but `inner_frozen` here, the head only in ANIL."""
+        return name not in self.inner_frozen
 
     def support_loss(self, params: Params, buffers: Params, support_x: Tensor,
                      support_y: Tensor) -> Callable[[Params], Tensor]:

@@ -24,8 +24,10 @@ from mamlbench.schema import knob
 @dataclass(frozen=True)
 class MetaSGDParams:
     """The `metasgd` section: what Meta-SGD adds to MAML."""
-    init_inner_lr: float | None = knob(None, "Initial value of every learned inner rate alpha; "
-                                             "null: the training inner_lr.", gt=0)
+    init_inner_lr: float | None = knob(None, "Initial value of every learned inner rate alpha; null: each entry "
+                                             "drawn from U(init_range), as Li et al.", gt=0)
+    init_range: list[float] = knob([0.005, 0.1], "Li et al.'s range of the random initial rates (section 4.1).",
+                                   gt=0)
     first_order: bool = knob(False, "Drop the second-order term; alpha still gets its (first-order) gradient.")
 
 
@@ -40,8 +42,10 @@ class MetaSGD(MAML):
     Args:
         model, inner_steps, strategy, loss_fn: as `MAML`.
         inner_lr: step size the rates start from, unless `init_inner_lr` is given.
-        init_inner_lr: initial value of every alpha entry (Li et al. draw it from [0.005, 0.1];
-            a constant keeps Meta-SGD equal to MAML at initialisation).
+        init_inner_lr: initial value of every alpha entry (a constant keeps Meta-SGD equal to MAML
+            at initialisation); None: each entry drawn from U(init_range) with the global RNG, as
+            Li et al. (section 4.1: "randomly initialized from [0.005, 0.1]").
+        init_range: (low, high) of that draw.
         first_order: as `MAML`.
 
     References: Li et al., 2017 (section 3, eq. 2).
@@ -55,14 +59,20 @@ class MetaSGD(MAML):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
                  strategy: str = "auto", loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                 init_inner_lr: float | None = None):
+                 init_inner_lr: float | None = None, init_range: tuple[float, float] | list[float] = (0.005, 0.1)):
         super().__init__(model, inner_lr, inner_steps, first_order, strategy, loss_fn)
-        alpha = inner_lr if init_inner_lr is None else init_inner_lr
+        low, high = init_range
+        if not 0 < low <= high:
+            raise ValueError(f"init_range must be 0 < low <= high, got {list(init_range)}")
         params, _ = split_state(model)
+
+        def init(p: Tensor) -> Tensor:
+            if init_inner_lr is not None:
+                return torch.full_like(p, init_inner_lr)
+            return torch.empty_like(p).uniform_(low, high)
         # Registered on the learner, so `self.parameters()` (and the loop strategy's per-task
         # backward) hands the rates to the meta-optimiser with the weights.
-        self.lrs = nn.ParameterDict({param_key(k): nn.Parameter(torch.full_like(p, alpha).detach())
-                                     for k, p in params.items()})
+        self.lrs = nn.ParameterDict({param_key(k): nn.Parameter(init(p.detach())) for k, p in params.items()})
         self._names = list(params)
 
     def inner_lrs(self) -> LR:

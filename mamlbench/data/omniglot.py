@@ -1,8 +1,11 @@
 """Prepare stage for Omniglot: decode the extracted PNGs into one uint8 array.
 
-Each 105x105 1-bit PNG is resized to `image_size` with LANCZOS, as the MAML code's
-`omniglot_resize.py` does, then inverted so that strokes are the foreground (255) on a 0
-background, as MAML's data generator feeds them (`1 - image`). The input must be complete: every
+Each 105x105 1-bit PNG is resized to `image_size` as the MAML code's
+`data/omniglot_resized/resize_images.py` does (`im.resize((28, 28), resample=Image.LANCZOS)` on the
+image as opened): PIL resizes mode "1" images nearest-neighbour whatever the filter asked for, so
+the original trained on binary 28x28 images (`resample="reference"`); `resample="lanczos"` converts
+to greyscale first, which anti-aliases. Then inverted so that strokes are the foreground (255) on a
+0 background, as MAML's data generator feeds them (data_generator.py:117-118, `1.0 - image`). The input must be complete: every
 character has exactly 20 drawers and every archive holds its known number of characters, and an
 unreadable or truncated PNG stops the stage with its path.
 
@@ -54,18 +57,22 @@ def list_characters(raw_dir: Path, archives: list[str], expected: dict[str, int]
     return characters
 
 
-def decode(path: str, size: int) -> np.ndarray:
-    """One PNG as a (size, size) uint8 array, strokes 255 on a 0 background."""
+def decode(path: str, size: int, resample: str = "reference") -> np.ndarray:
+    """One PNG as a (size, size) uint8 array, strokes 255 on a 0 background (see the module docstring)."""
+    if resample not in ("reference", "lanczos"):
+        raise ValueError(f"resample must be reference or lanczos, got {resample!r}")
     try:
         with Image.open(path) as im:
-            im = im.convert("L").resize((size, size), resample=Image.Resampling.LANCZOS)
+            if resample == "lanczos":
+                im = im.convert("L")
+            im = im.resize((size, size), resample=Image.Resampling.LANCZOS).convert("L")
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: unreadable PNG ({err})") from None
     return 255 - np.asarray(im, dtype=np.uint8)
 
 
 def prepare_omniglot(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, archives: list[str],
-                     image_size: int = 28, scheme: str = "maml", maml_sizes: tuple[int, int] = (1100, 100),
+                     image_size: int = 28, resample: str = "reference", scheme: str = "maml", maml_sizes: tuple[int, int] = (1100, 100),
                      split_seed: int = 1, rotations: list[int] = (0, 90, 180, 270),
                      expected: dict[str, int] | None = None) -> dict:
     """Decode every character into `out_dir/images.npy` (chars, 20, 1, size, size) and `meta.json`.
@@ -73,6 +80,7 @@ def prepare_omniglot(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     Args:
         raw_dir: the download stage's folder, holding one extracted folder per archive.
         archives: which archives to read, in order.
+        resample: reference (binary, as the MAML code) or lanczos; see `decode`.
         scheme: default class split recorded for `load_split` (maml or vinyals).
         maml_sizes: meta-train and meta-val characters of the maml split (the rest is meta-test).
         rotations: degrees (multiples of 90) that augment sampled classes.
@@ -85,7 +93,7 @@ def prepare_omniglot(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         task = progress.add_task("decoding Omniglot", total=len(characters))
         for i, char in enumerate(characters):
             for j, path in enumerate(char.pop("files")):
-                images[i, j, 0] = decode(path, image_size)
+                images[i, j, 0] = decode(path, image_size, resample)
             progress.advance(task)
     maml = maml_split(len(characters), *maml_sizes, split_seed)
     vinyals = [vinyals_split(c["alphabet"], c["character"]) for c in characters]
@@ -93,7 +101,7 @@ def prepare_omniglot(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
               for name, assign in (("maml", maml), ("vinyals", vinyals))}
     meta = dict(dataset="omniglot", scheme=scheme, classes=characters, splits=splits,
                 rotations=[r // 90 for r in rotations], rotations_as_classes={"maml": False, "vinyals": True},
-                shape=list(images.shape), image_size=image_size, archives=list(archives),
+                shape=list(images.shape), image_size=image_size, resample=resample, archives=list(archives),
                 maml_sizes=list(maml_sizes), split_seed=split_seed)
     write_prepared(out_dir, images, meta)
     return meta

@@ -35,7 +35,11 @@ class OmniglotParams:
     archives: list[str] = knob(["images_background", "images_evaluation"],
                                "Archives to download and prepare; the small ones are a declared subset.",
                                choices=list(OMNIGLOT_ARCHIVES))
-    image_size: int = knob(28, "Side of the prepared images (the MAML code: 28, LANCZOS).", ge=8)
+    image_size: int = knob(28, "Side of the prepared images (the MAML code: 28).", ge=8)
+    resample: Literal["reference", "lanczos"] = knob(
+        "reference", "How the 105x105 1-bit PNGs shrink: reference (the MAML code's resize_images.py calls "
+                     "LANCZOS on the 1-bit image, which PIL resizes nearest-neighbour: binary pixels) or lanczos "
+                     "(greyscale first, then LANCZOS: anti-aliased grey levels).")
     scheme: Literal["maml", "vinyals"] = knob("maml", "Default class split: maml (1100/100/423 shuffled "
                                               "characters) or vinyals (1028/172/423 fixed alphabets).")
     maml_split: list[int] = knob([1100, 100], "Meta-train and meta-val characters of the maml split; "
@@ -43,8 +47,10 @@ class OmniglotParams:
     split_seed: int = knob(1, "Seed of the maml split's shuffle (the MAML code: random.seed(1)).", ge=0)
     rotations: list[int] = knob([0, 90, 180, 270], "Rotations in degrees applied to sampled classes.",
                                 choices=[0, 90, 180, 270])
-    episodes: list[EpisodeSetting] = knob(_settings((5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)),
-                                          "Evaluation settings with fixed episodes.")
+    episodes: list[EpisodeSetting] = knob(_settings((5, 1, 1), (5, 5, 5), (20, 1, 1), (20, 5, 5),
+                                                    (5, 1, 15), (5, 5, 15), (20, 1, 5)),
+                                          "Evaluation settings with fixed episodes: the original's K queries per "
+                                          "class, and this project's quick ones.")
 
     def split_sizes(self) -> dict[str, int]:
         """Classes per split, statically: characters, times rotations where those are classes."""
@@ -79,7 +85,9 @@ class MiniImageNetParams:
                                     "or the original JPEGs (n01532829...jpg) as named in the Ravi split files. "
                                     "null: <mirror>/mini-imagenet.")
     image_size: int = knob(84, "Side of the prepared RGB images (Ravi & Larochelle: 84).", ge=8)
-    episodes: list[EpisodeSetting] = knob(_settings((5, 1, 15), (5, 5, 15)), "Evaluation settings with fixed episodes.")
+    episodes: list[EpisodeSetting] = knob(_settings((5, 1, 1), (5, 5, 5), (5, 1, 15), (5, 5, 15)),
+                                          "Evaluation settings with fixed episodes: the original's K queries per "
+                                          "class, and this project's quick 15.")
 
     def validate(self, where: str) -> None:
         _check_settings(self.episodes, RAVI_SIZES, RAVI_PER_CLASS, f"{where}.episodes")

@@ -37,7 +37,8 @@ def run_prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, da
     _check(dataset)
     if dataset == "omniglot":
         p = data.omniglot
-        return prepare_omniglot(raw, out, archives=p.archives, image_size=p.image_size, scheme=p.scheme,
+        return prepare_omniglot(raw, out, archives=p.archives, image_size=p.image_size, resample=p.resample,
+                                scheme=p.scheme,
                                 maml_sizes=tuple(p.maml_split), split_seed=p.split_seed, rotations=p.rotations)
     source_file = Path(raw) / "source.json"
     if not source_file.is_file():

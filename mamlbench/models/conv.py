@@ -15,8 +15,13 @@ Choices, checked against the original TensorFlow code (cbfinn/maml, `maml.py`):
 - BatchNorm keeps no running statistics (`track_running_stats=False`): the core normalises every
   forward with the statistics of the batch it sees, as the original did (`is_training` always on),
   so buffers would only be written and never read. MAML++ swaps in its own per-step layers.
-- BatchNorm is affine (scale and shift); the original's `tf.contrib.layers.batch_norm` learned the
-  shift only (TF's default `scale=False`). The scale is what MAML++'s per-step weights refine.
+- BatchNorm, as the original's `tf.contrib.layers.batch_norm` (TF defaults `center=True`,
+  `scale=False`, `epsilon=0.001`): a learned shift, no scale, eps 1e-3 (`norm="shift"`); `norm="affine"`
+  learns a scale too (PyTorch's default, and what MAML++'s per-step weights refine). The shift-only
+  scale is a frozen parameter of ones, so every algorithm passes it through unchanged.
+- Initial weights (`init="reference"`, the original's `construct_conv_weights`/`construct_fc_weights`):
+  Xavier-uniform convolutions, the Omniglot head N(0, 1), the mini-ImageNet head Xavier-uniform, the
+  MLP's layers N(0, 0.01) truncated at 2 std, every bias 0; `init="torch"` keeps PyTorch's defaults.
 
 References: Finn, Abbeel & Levine, ICML 2017 (section 5.2 and the released code); Vinyals et al.,
 "Matching Networks for One Shot Learning", NeurIPS 2016 (the conv4 embedding).
@@ -29,14 +34,34 @@ import torch
 from torch import Tensor, nn
 
 
+Norm = Literal["shift", "affine"]
+Init = Literal["reference", "torch"]
+
+
+def batch_norm(kind: type, channels: int, norm: Norm, eps: float) -> nn.modules.batchnorm._BatchNorm:
+    """BatchNorm without running statistics; `norm="shift"` freezes the scale at 1 (no scale learned)."""
+    if norm not in ("shift", "affine"):
+        raise ValueError(f"norm must be shift or affine, got {norm!r}")
+    layer = kind(channels, eps=eps, track_running_stats=False)
+    if norm == "shift":
+        layer.weight.requires_grad_(False)
+    return layer
+
+
+def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
+    """TF's `truncated_normal`: N(0, std) redrawn outside 2 std."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
 class ConvBlock(nn.Sequential):
     """3x3 conv (no bias) -> BatchNorm -> ReLU, downsampled by stride 2 or by a 2x2 max-pool."""
 
-    def __init__(self, in_channels: int, out_channels: int, downsample: Literal["stride", "maxpool"]):
+    def __init__(self, in_channels: int, out_channels: int, downsample: Literal["stride", "maxpool"],
+                 norm: Norm = "affine", norm_eps: float = 1e-5):
         stride = 2 if downsample == "stride" else 1
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels, track_running_stats=False),
+            batch_norm(nn.BatchNorm2d, out_channels, norm, norm_eps),
             nn.ReLU(),
         ]
         if downsample == "maxpool":
@@ -62,6 +87,8 @@ class Conv4(nn.Module):
             "flatten" keeps every position (mini-ImageNet: 5x5xhidden features).
         image_size: side of the square input; only needed for "flatten".
         channels_last: run the convolutions in NHWC memory format (the input is converted).
+        norm, norm_eps: BatchNorm's learned parameters ("shift" or "affine") and epsilon.
+        init: "reference" (the original code's, see the module docstring) or "torch".
 
     Example:
         model = Conv4(1, n_way=5)             # Omniglot: x of shape (N, 1, 28, 28)
@@ -71,11 +98,11 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int, n_way: int, hidden: int = 64,
                  downsample: Literal["stride", "maxpool"] = "stride",
                  pool: Literal["mean", "flatten"] = "mean", image_size: int = 28,
-                 channels_last: bool = False):
+                 channels_last: bool = False, norm: Norm = "affine", norm_eps: float = 1e-5, init: Init = "torch"):
         super().__init__()
         if downsample not in ("stride", "maxpool") or pool not in ("mean", "flatten"):
             raise ValueError(f"downsample must be stride|maxpool and pool mean|flatten, got {downsample!r}, {pool!r}")
-        blocks = [ConvBlock(in_channels if i == 0 else hidden, hidden, downsample) for i in range(4)]
+        blocks = [ConvBlock(in_channels if i == 0 else hidden, hidden, downsample, norm, norm_eps) for i in range(4)]
         if pool == "mean":
             reduce: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
             n_features = hidden
@@ -87,6 +114,17 @@ class Conv4(nn.Module):
         self.channels_last = channels_last
         self.features = nn.Sequential(*blocks, *reduce)
         self.head = nn.Linear(n_features, n_way)
+        if init == "reference":  # cbfinn/maml maml.py construct_conv_weights
+            for m in self.features.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.xavier_uniform_(m.weight)
+            if pool == "mean":  # Omniglot: tf.random_normal([hidden, n_way]), stddev 1
+                nn.init.normal_(self.head.weight, std=1.0)
+            else:               # mini-ImageNet: xavier_initializer
+                nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif init != "torch":
+            raise ValueError(f"init must be reference or torch, got {init!r}")
         if channels_last:
             self.features.to(memory_format=torch.channels_last)
 
@@ -103,20 +141,29 @@ class FCNet(nn.Module):
         in_features: flattened input size (784 for 28x28 Omniglot); images are flattened here.
         n_way: classes per task.
         hidden: hidden widths (the paper: 256, 128, 64, 64).
+        norm, norm_eps, init: as `Conv4` (reference init: N(0, 0.01) truncated, zero biases).
 
     Example:
         model = FCNet(784, n_way=5)
         logits = model(torch.randn(25, 1, 28, 28))   # (25, 5)
     """
 
-    def __init__(self, in_features: int, n_way: int, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64)):
+    def __init__(self, in_features: int, n_way: int, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64),
+                 norm: Norm = "affine", norm_eps: float = 1e-5, init: Init = "torch"):
         super().__init__()
         sizes = [in_features, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU()]
+            layers += [nn.Linear(a, b, bias=False), batch_norm(nn.BatchNorm1d, b, norm, norm_eps), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(sizes[-1], n_way)
+        if init == "reference":  # cbfinn/maml maml.py construct_fc_weights
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    truncated_normal_(m.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+        elif init != "torch":
+            raise ValueError(f"init must be reference or torch, got {init!r}")
 
     def forward(self, x: Tensor) -> Tensor:  # (N, ...) -> (N, n_way)
         return self.head(self.features(x))
@@ -127,34 +174,41 @@ class VGGMAMLPP(nn.Module):
     BatchNorm, leaky ReLU, 2x2 max-pool], flattened, then a linear head.
 
     As the reference (meta_neural_network_architectures.py L545-660): convolution and linear
-    weights xavier-uniform, biases zero; BatchNorm weight 1, bias 0 (MAML++ replaces it by its
-    per-step layer). The conv bias feeding a BatchNorm is kept for parity, though batch statistics
-    cancel it. Features: hidden x 1 x 1 for 28x28 Omniglot, hidden x 5 x 5 for 84x84 mini-ImageNet.
+    weights xavier-uniform, biases zero (`init="reference"`); BatchNorm weight 1, bias 0, eps 1e-5,
+    scale and shift learned (`norm="affine"`; MAML++ replaces it by its per-step layer, which
+    learns both whatever `norm` says). The conv bias feeding a BatchNorm is kept for parity, though
+    batch statistics cancel it. Features: hidden x 1 x 1 for 28x28 Omniglot, hidden x 5 x 5 for
+    84x84 mini-ImageNet.
 
     Args:
         in_channels: image channels.
         n_way: classes per task.
         hidden: filters per conv layer (reference: 64 Omniglot, 48 mini-ImageNet).
         image_size: side of the square input (sizes the head).
+        norm, norm_eps: BatchNorm's learned parameters ("shift" or "affine") and epsilon.
+        init: "reference" (xavier-uniform weights, zero biases) or "torch" (PyTorch's defaults).
 
     Example:
         model = VGGMAMLPP(3, n_way=5, hidden=48, image_size=84)
         logits = model(torch.randn(10, 3, 84, 84))   # (10, 5)
     """
 
-    def __init__(self, in_channels: int, n_way: int, hidden: int = 64, image_size: int = 28):
+    def __init__(self, in_channels: int, n_way: int, hidden: int = 64, image_size: int = 28,
+                 norm: Norm = "affine", norm_eps: float = 1e-5, init: Init = "reference"):
         super().__init__()
         layers: list[nn.Module] = []
         side = image_size
         for i in range(4):
             layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, stride=1, padding=1, bias=True),
-                       nn.BatchNorm2d(hidden, track_running_stats=False), nn.LeakyReLU(0.01), nn.MaxPool2d(2)]
+                       batch_norm(nn.BatchNorm2d, hidden, norm, norm_eps), nn.LeakyReLU(0.01), nn.MaxPool2d(2)]
             side //= 2
         if side < 1:
             raise ValueError(f"image_size {image_size} is too small for four 2x2 max-pools")
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(hidden * side * side, n_way)
-        for m in self.modules():
+        if init not in ("reference", "torch"):
+            raise ValueError(f"init must be reference or torch, got {init!r}")
+        for m in self.modules() if init == "reference" else ():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -164,19 +218,19 @@ class VGGMAMLPP(nn.Module):
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "conv4_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False: Conv4(
-        in_channels, n_way, hidden, "stride", "mean", image_size, channels_last),
-    "conv4_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False: Conv4(
-        in_channels, n_way, hidden, "maxpool", "flatten", image_size, channels_last),
-    "mlp_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=(256, 128, 64, 64), channels_last=False: FCNet(
-        in_channels * image_size * image_size, n_way, hidden),
-    "vgg_mamlpp": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False: VGGMAMLPP(
-        in_channels, n_way, hidden, image_size),
+    "conv4_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False, **net: Conv4(
+        in_channels, n_way, hidden, "stride", "mean", image_size, channels_last, **net),
+    "conv4_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False, **net: Conv4(
+        in_channels, n_way, hidden, "maxpool", "flatten", image_size, channels_last, **net),
+    "mlp_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=(256, 128, 64, 64), channels_last=False,
+    **net: FCNet(in_channels * image_size * image_size, n_way, hidden, **net),
+    "vgg_mamlpp": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False, **net: VGGMAMLPP(
+        in_channels, n_way, hidden, image_size, **net),
 }
 
 
 def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_size: int | None = None,
-                hidden=None, channels_last: bool = False) -> nn.Module:
+                hidden=None, channels_last: bool = False, **net) -> nn.Module:
     """A classifier from `MODELS` by name; unset arguments take the paper's values for that model.
 
     Args:
@@ -185,6 +239,7 @@ def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_
         in_channels, image_size: input shape (defaults: 1x28x28 Omniglot, 3x84x84 mini-ImageNet).
         hidden: filters (conv4) or hidden widths (mlp).
         channels_last: NHWC convolutions (conv4 only; ignored by the MLP).
+        **net: the network's own options (conv4, mlp and vgg_mamlpp: `norm`, `norm_eps`, `init`).
 
     Example:
         model = build_model("conv4_omniglot", n_way=20)
@@ -192,4 +247,4 @@ def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
     kwargs = dict(in_channels=in_channels, image_size=image_size, hidden=hidden, channels_last=channels_last)
-    return MODELS[name](n_way, **{k: v for k, v in kwargs.items() if v is not None})
+    return MODELS[name](n_way, **{k: v for k, v in kwargs.items() if v is not None}, **net)
