@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mamlbench.io import load_torch, save_torch, write_json
 
@@ -61,17 +61,28 @@ def load_top_k(run_dir: str | Path, k: int) -> list[dict]:
     return [load_torch(Path(run_dir) / TOPK_DIR / e["file"]) for e in entries]
 
 
+def from_top_k(run_dir: str | Path, k: int, build: Callable[[], nn.Module]) -> "Ensemble":
+    """The ensemble of the k best kept checkpoints; `build()` makes one fresh learner to load each into."""
+    states = load_top_k(run_dir, k)
+    members = [build() for _ in states]
+    for member, state in zip(members, states):
+        member.load_state_dict(state["learner"])
+    return Ensemble(members, [s["iteration"] for s in states])
+
+
 def _outputs(outputs: Tensor, labels: Tensor) -> Tensor:
     return outputs
 
 
-class Ensemble:
+class Ensemble(nn.Module):
     """Members adapted to each task independently; `trajectory` scores their mean query logits."""
 
-    def __init__(self, members: Sequence):
+    def __init__(self, members: Sequence[nn.Module], iterations: Sequence[int] = ()):
+        super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        self.members = list(members)
+        self.members = nn.ModuleList(members)
+        self.iterations = list(iterations)  # of the members' checkpoints, when known
 
     @torch.no_grad()
     def trajectory(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,

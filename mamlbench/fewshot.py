@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import distributed, rng
+from mamlbench import distributed, ensemble, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
@@ -166,6 +166,9 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
             if val > best.get("acc", -1.0):
                 best.update(acc=val, iteration=done)
                 save_torch(run_dir / "best.pt", _model_state(learner, params, benchmark, algorithm, setting, done))
+            if evaluate_cfg.ensemble > 1:  # MAML++ tests its top-k validation checkpoints
+                ensemble.keep_top_k(run_dir, evaluate_cfg.ensemble, val, done,
+                                    lambda: _model_state(learner, params, benchmark, algorithm, setting, done))
             metrics["meta_val/best_acc"] = best["acc"]
         extra_state["best"], extra_state["seconds"] = dict(best), time.perf_counter() - started
         return metrics
@@ -210,12 +213,16 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     learner = build_learner(params, benchmark, algorithm, setting, resolved, split.images.shape[2],
                             split.images.shape[3])
     learner.load_state_dict(state["learner"])
+    if ev.ensemble > 1:  # the mean logits of the top-k validation checkpoints (MAML++)
+        learner = ensemble.from_top_k(run_dir, ev.ensemble, lambda: build_learner(
+            params, benchmark, algorithm, setting, resolved, split.images.shape[2], split.images.shape[3]))
     learner.to(device)
     acc = score(learner, split, episodes, ev.n_episodes, ev.inner_steps, ev.inner_lr, device, ev.chunk)  # (E, S+1)
     per_step = {f"step{s}": dict(zip(("acc", "ci95"), mean_ci95(acc[:, s].cpu().numpy()))) for s in range(acc.shape[1])}
     mean, ci = mean_ci95(acc[:, -1].cpu().numpy())
     metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
-               "checkpoint": source.name, "checkpoint_iteration": state["iteration"], "per_step": per_step}
+               "checkpoint": source.name, "checkpoint_iteration": state["iteration"], "per_step": per_step,
+               "ensemble_iterations": learner.iterations if ev.ensemble > 1 else None}
     write_json(out_dir / "metrics.json", metrics)
     rows = ["episode,inner_steps,acc"] + [f"{e},{s},{acc[e, s].item():.6g}" for e in range(acc.shape[0])
                                           for s in range(acc.shape[1])]

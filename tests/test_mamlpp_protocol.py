@@ -16,10 +16,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ROOT, write_params
+from mamlbench import runs
 from mamlbench.algorithms.maml import MAML
 from mamlbench.algorithms.mamlpp import MAMLPlusPlus, PerStepBatchNorm
+from mamlbench.config import fewshot_cell, load_params
 from mamlbench.ensemble import Ensemble, keep_top_k, load_top_k, read_top_k
 from mamlbench.fewshot import accuracy
+from mamlbench.io import load_torch, save_torch
 from mamlbench.models.conv import MODELS, build_model
 
 N_WAY = 3
@@ -267,3 +271,94 @@ def test_keep_top_k_keeps_the_k_best_validations(tmp_path):
     assert load_top_k(tmp_path, 3)[2]["again"]
     assert not keep_top_k(tmp_path, 3, 0.05, 700, lambda: {"iteration": 700})
     assert not (tmp_path / "topk" / "iter-00000700.pt").exists()
+
+
+# ---- profile paper: the reference's experiment configs ----------------------------------------------
+# experiment_config/omniglot_maml++-omniglot_*.json and mini-imagenet_maml++-mini-imagenet_*.json
+REFERENCE = {
+    "omniglot": dict(batch_size=8, cnn_num_filters=64, init_inner_loop_learning_rate=0.1, num_target_samples=1,
+                     multi_step_loss_num_epochs=10, min_learning_rate=1e-5, clamp=None),
+    "mini_imagenet": dict(batch_size=2, cnn_num_filters=48, init_inner_loop_learning_rate=0.01, num_target_samples=15,
+                          multi_step_loss_num_epochs=15, min_learning_rate=1e-3, clamp=10.0),
+}
+SHARED = dict(number_of_training_steps_per_iter=5, number_of_evaluation_steps_per_iter=5, total_epochs=100,
+              total_iter_per_epoch=500, meta_learning_rate=1e-3, first_order_to_second_order_epoch=-1, top_n_models=5)
+
+
+@pytest.mark.parametrize("benchmark", ["omniglot", "mini_imagenet"])
+def test_paper_profile_is_the_reference_protocol(benchmark):
+    ref, params = {**REFERENCE[benchmark], **SHARED}, load_params(ROOT / "params.yaml", profile="paper")
+    for setting in getattr(params, benchmark).settings:
+        cell = fewshot_cell(params, benchmark, "mamlpp", setting)
+        train, ev, opt = cell.train, cell.evaluate, cell.options
+        assert ev.inner_steps == train.inner_steps == ref["number_of_evaluation_steps_per_iter"] == 5, setting
+        assert (cell.model, cell.hidden) == ("vgg_mamlpp", ref["cnn_num_filters"])
+        assert (train.meta_batch_size, train.n_query) == (ref["batch_size"], ref["num_target_samples"])
+        assert train.inner_lr == ref["init_inner_loop_learning_rate"] and train.loss_reduction == "mean"
+        assert train.meta_lr == ref["meta_learning_rate"] and train.grad_clip_value == ref["clamp"]
+        assert train.grad_clip is None and train.adapt_norm is False
+        assert train.iterations == ref["total_epochs"] * ref["total_iter_per_epoch"]
+        assert train.validate_every == opt.iterations_per_epoch == ref["total_iter_per_epoch"]
+        assert opt.multi_step_loss_iterations == ref["multi_step_loss_num_epochs"] * ref["total_iter_per_epoch"]
+        assert opt.min_meta_lr == ref["min_learning_rate"]
+        assert not opt.derivative_order_annealing or opt.first_order_iterations == (
+            ref["first_order_to_second_order_epoch"] + 1) * ref["total_iter_per_epoch"]
+        assert opt.eval_running_stats is False and opt.per_step_slots == "reference"
+        assert opt.multi_step_loss and opt.per_step_bn_stats and opt.per_step_bn_weights and opt.lslr
+        assert opt.cosine_annealing
+        assert ev.ensemble == ref["top_n_models"]
+
+
+# ---- end to end: training keeps the top k, evaluation reads what the knobs say -----------------------
+@pytest.fixture(scope="module")
+def glyphs(tmp_path_factory):
+    from test_fewshot import make_glyphs
+    return make_glyphs(tmp_path_factory.mktemp("glyphs"))
+
+
+def cell_params(tmp_path, ensemble: int = 3, **options):
+    return write_params(tmp_path / "params.yaml", {
+        "profile": "t", "profiles": {"t": {}}, "tracking": {"enabled": False},
+        "omniglot": {"settings": {"5w1s": {"n_way": 5, "k_shot": 1, "n_query": 5}},
+                     "train": {"iterations": 12, "meta_batch_size": 2, "n_query": 5, "validate_every": 3,
+                               "n_val_episodes": 20, "checkpoint_every": 6, "log_every": 3},
+                     "evaluate": {"n_episodes": 20, "chunk": 20}},
+        "variants": {"mamlpp": {"train": {"inner_lr": 0.4, "inner_steps": 2, "iterations": 12, "validate_every": 3,
+                                          "n_val_episodes": 10, "meta_batch_size": 2},
+                                "evaluate": {"inner_steps": 2, "ensemble": ensemble, "checkpoint": "final"},
+                                "options": {"iterations_per_epoch": 3, "multi_step_loss_iterations": 6, **options},
+                                "omniglot": {"model": "vgg_mamlpp", "hidden": 4, "train": {"n_query": 5}}}},
+    })
+
+
+@pytest.mark.slow
+def test_training_keeps_the_top_k_and_evaluation_ensembles_them(tmp_path, glyphs):
+    import csv
+    data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")
+    params = cell_params(tmp_path)
+    runs.train_fewshot(params, "omniglot", "mamlpp", "5w1s", tmp_path / "run", progress=False, **data)
+    with open(tmp_path / "run" / "curve.csv") as f:
+        val = [(float(r["meta_val/query_acc"]), int(r["iteration"])) for r in csv.DictReader(f)
+               if r.get("meta_val/query_acc")]
+    assert [i for _, i in val] == [3, 6, 9, 12]
+    expected = [i for _, i in sorted(val, key=lambda v: (-v[0], v[1]))[:3]]
+    assert [e["iteration"] for e in read_top_k(tmp_path / "run")] == expected
+    assert len(list((tmp_path / "run" / "topk").glob("*.pt"))) == 3
+    metrics = runs.evaluate_fewshot(params, "omniglot", "mamlpp", "5w1s", tmp_path / "run", tmp_path / "eval", **data)
+    assert metrics["ensemble_iterations"] == expected and metrics["inner_steps"] == 2
+
+    # the same final model, evaluated alone, with its running statistics moved in the file
+    def evaluate(eval_running_stats: bool, tag: str) -> list[float]:
+        (tmp_path / tag).mkdir()
+        p = cell_params(tmp_path / tag, ensemble=1, eval_running_stats=eval_running_stats)
+        out = runs.evaluate_fewshot(p, "omniglot", "mamlpp", "5w1s", tmp_path / "run", tmp_path / tag / "eval", **data)
+        return [v["acc"] for v in out["per_step"].values()]
+
+    reads, ignores = evaluate(True, "reads"), evaluate(False, "ignores")
+    state = load_torch(tmp_path / "run" / "model.pt")
+    for key in state["learner"]:
+        if key.endswith("running_var"):
+            state["learner"][key] *= 50.0
+    save_torch(tmp_path / "run" / "model.pt", state)
+    assert evaluate(True, "reads2") != reads
+    assert evaluate(False, "ignores2") == ignores

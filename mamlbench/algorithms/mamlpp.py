@@ -9,7 +9,9 @@
    since the activations after s steps have their own distribution; read at evaluation time
    only with `eval_running_stats` (below).
 4. Per-step BatchNorm weights and biases (BNWB): one affine pair per inner step, meta-learned and
-   not adapted in the inner loop (an update to the step-s pair would only be seen by step s).
+   not adapted in the inner loop (an update to the step-s pair would only be seen by step s). A
+   replaced BatchNorm's pair is never adapted, per step or not, as the reference
+   (`enable_inner_loop_optimizable_bn_params: false`).
 5. Learned per-layer per-step inner learning rates (LSLR): one learnable scalar per parameter tensor
    and inner step, initialised to `inner_lr`.
 6. Cosine annealing of the meta learning rate (CA): `MAMLPlusPlus.meta_lr(i, total, base)`, which
@@ -212,9 +214,9 @@ class MAMLPlusPlus(MAML):
                                                 per_step_stats=per_step_bn_stats, eval_running_stats=eval_running_stats)
                         setattr(module, child_name, norm)
                         self.norms.append(norm)
-                        if per_step_bn_weights:
-                            full = f"{name}.{child_name}" if name else child_name
-                            fixed |= {f"{full}.weight", f"{full}.bias"}
+                        # meta-learned only, as the reference (enable_inner_loop_optimizable_bn_params false)
+                        full = f"{name}.{child_name}" if name else child_name
+                        fixed |= {f"{full}.weight", f"{full}.bias"}
         self.fixed = fixed
         self.reads_running_stats = per_step_bn_stats and eval_running_stats and bool(self.norms)
         if self.reads_running_stats and strategy == "vmap":
@@ -270,7 +272,7 @@ class MAMLPlusPlus(MAML):
         return {k: self.lslr[param_key(k)][s] for k in self.fast_names}
 
     def adapts(self, name: str) -> bool:
-        return name not in self.fixed  # BNWB: the per-step BatchNorm pairs are meta-learned only
+        return name not in self.fixed and super().adapts(name)  # BatchNorm pairs: meta-learned only
 
     def steps(self, *args, **kwargs) -> Iterator[Params]:
         """`MAML.steps` with BatchNorm on the query slot of theta_s while the caller holds it, and on
