@@ -292,7 +292,9 @@ def test_paper_profile_is_the_reference_protocol(benchmark):
         cell = fewshot_cell(params, benchmark, "mamlpp", setting)
         train, ev, opt = cell.train, cell.evaluate, cell.options
         assert ev.inner_steps == train.inner_steps == ref["number_of_evaluation_steps_per_iter"] == 5, setting
-        assert (cell.model, cell.hidden) == ("vgg_mamlpp", ref["cnn_num_filters"])
+        assert cell.model == "vgg_mamlpp"
+        network = build_model(cell.model, 5, hidden=cell.hidden)
+        assert network.features[0].out_channels == ref["cnn_num_filters"]
         assert (train.meta_batch_size, train.n_query) == (ref["batch_size"], ref["num_target_samples"])
         assert train.inner_lr == ref["init_inner_loop_learning_rate"] and train.loss_reduction == "mean"
         assert train.meta_lr == ref["meta_learning_rate"] and train.grad_clip_value == ref["clamp"]
