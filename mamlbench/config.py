@@ -59,6 +59,9 @@ class MetaTrainParams:
     meta_batch_size: int = knob(25, "Tasks per meta-update.", ge=1)
     meta_lr: float = knob(1e-3, "Adam step size beta of the meta-update.", gt=0)
     iterations: int = knob(70000, "Meta-updates.", ge=1)
+    time_budget_minutes: float | None = knob(None, "Stop after the meta-update that passes this much wall time "
+                                                   "(summed over resumes; a rerun trains no further); null: run "
+                                                   "`iterations`. train.json records the iterations reached.", gt=0)
     k_shot: int = knob(10, "Support examples per task (K).", ge=1)
     k_query: int = knob(10, "Query examples per task.", ge=1)
     grad_clip: float | None = knob(None, "Clip the meta-gradient's global norm to this; null: no clipping.", gt=0)
@@ -77,7 +80,7 @@ class PretrainParams:
     lr: float = knob(1e-3, "Adam step size.", gt=0)
     iterations: int = knob(70000, "Adam steps.", ge=1)
     batch_tasks: int = knob(25, "Tasks per batch.", ge=1)
-    k: int = knob(20, "Points per task in a batch.", ge=1)
+    k: int = knob(10, "Points per task in a batch (the original pretrains on each task's K support points).", ge=1)
     checkpoint_every: int = knob(500, "Checkpoint period.", ge=1)
     log_every: int = knob(50, "Logging period.", ge=1)
     device: str = knob("auto", "auto, cpu, cuda or cuda:N.")
@@ -93,12 +96,16 @@ class SinusoidEvalParams:
     k_shots: list[int] = knob([5, 10, 20], "Support sizes K evaluated.", ge=1)
     inner_steps: list[int] = knob([0, 1, 5, 10], "Report the query MSE after these many inner steps.", ge=0)
     inner_lr: float = knob(0.01, "Inner step size at test time, for MAML and the baseline alike.", gt=0)
-    n_query: int = knob(100, "Query points per test task, x ~ U[-5, 5].", ge=1)
+    n_query: int | None = knob(None, "Query points per test task, x ~ U[-5, 5]; null: K for a K-shot evaluation "
+                                     "(the original tests tasks of 2K points, K support and K query).", ge=1)
 
 
 @dataclass(frozen=True)
 class SinusoidParams:
     hidden: list[int] = knob([40, 40], "Hidden layer widths of the ReLU MLP (the paper: 40, 40).", ge=1)
+    init: Literal["reference", "torch"] = knob("reference", "Initial weights: reference (the original code's "
+                                                            "construct_fc_weights: N(0, 0.01) truncated at 2 std, "
+                                                            "zero biases) or torch (PyTorch's defaults).")
     train: MetaTrainParams = section(MetaTrainParams)
     pretrain: PretrainParams = section(PretrainParams)
     evaluate: SinusoidEvalParams = section(SinusoidEvalParams)
@@ -119,6 +126,9 @@ class FewShotTrainParams:
     meta_batch_size: int = knob(32, "Tasks per meta-update.", ge=1)
     meta_lr: float = knob(1e-3, "Adam step size of the meta-update (Reptile with sgd: epsilon).", gt=0)
     iterations: int = knob(60000, "Meta-updates.", ge=1)
+    time_budget_minutes: float | None = knob(None, "Stop after the meta-update that passes this much wall time "
+                                                   "(summed over resumes; a rerun trains no further); null: run "
+                                                   "`iterations`. train.json records the iterations reached.", gt=0)
     n_query: int = knob(15, "Query images per class in training episodes.", ge=1)
     k_shot: int | None = knob(None, "Support images per class in training episodes; null: the setting's K "
                                     "(Reptile's reference trains on more: --train-shots).", ge=1)

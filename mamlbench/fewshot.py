@@ -6,7 +6,6 @@ the same stored episodes, so differences between variants are paired comparisons
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -16,13 +15,15 @@ from mamlbench import distributed, ensemble, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
-from mamlbench.data.prepared import load_split, read_meta
+from mamlbench.data.prepared import content_hash, load_split, read_meta
 from mamlbench.data.sampler import EpisodeSampler
 from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
+from mamlbench.progress import Progress
+from mamlbench.provenance import digest, file_digest, identity, record
 from mamlbench.schema import to_dict
 from mamlbench.stats import mean_ci95
-from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
+from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, meta_update, resolve_device, run_loop,
                              trajectory_settings, write_curve)
 
 
@@ -77,17 +78,28 @@ def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, 
     return learner
 
 
-def run_fingerprint(params: Params, benchmark: str, algorithm: str, setting: str) -> str:
+def trajectory(params: Params, benchmark: str, algorithm: str, setting: str) -> dict:
+    """The settings that fix a cell's training trajectory (logging periods and the time budget excluded)."""
     cell = fewshot_cell(params, benchmark, algorithm, setting)
-    train = trajectory_settings(to_dict(cell.train), ("checkpoint_every", "log_every", "validate_every"))
+    train = trajectory_settings(to_dict(cell.train),
+                                ("checkpoint_every", "log_every", "validate_every", "time_budget_minutes"))
     bench = getattr(params, benchmark)
-    return fingerprint({"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": cell.model,
-                        "hidden": cell.hidden, "network": [cell.norm, cell.norm_eps, cell.init],
-                        "cell": to_dict(bench.settings[setting]), "train": train, "options": to_dict(cell.options)})
+    return {"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": cell.model,
+            "hidden": cell.hidden, "network": [cell.norm, cell.norm_eps, cell.init],
+            "cell": to_dict(bench.settings[setting]), "train": train, "options": to_dict(cell.options)}
 
 
-def checkpointer(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path) -> Checkpointer:
-    return Checkpointer(Path(run_dir) / "checkpoints", run_fingerprint(params, benchmark, algorithm, setting))
+def data_hash(prepared: str | Path, episodes_dir: str | Path, split: str, cell) -> str:
+    """The prepared images and the stored episodes of `split` that a run reads."""
+    path = episode_path(episodes_dir, read_meta(prepared)["scheme"], split, cell.n_way, cell.k_shot, cell.n_query)
+    return digest([content_hash(prepared), file_digest(path) if path.is_file() else None])
+
+
+def checkpointer(params: Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path,
+                 prepared: str | Path, episodes_dir: str | Path) -> Checkpointer:
+    data = data_hash(prepared, episodes_dir, "val", getattr(params, benchmark).settings[setting])
+    return Checkpointer(Path(run_dir) / "checkpoints",
+                        identity(__name__, trajectory(params, benchmark, algorithm, setting), data))
 
 
 def _episodes(params: Params, benchmark: str, setting: str, split_name: str, prepared: Path, episodes_dir: Path):
@@ -97,7 +109,8 @@ def _episodes(params: Params, benchmark: str, setting: str, split_name: str, pre
     return split, load_episodes(path, prepared)
 
 
-def score(learner, split, episodes, n_episodes: int, inner_steps: int, inner_lr, device, chunk: int) -> torch.Tensor:
+def score(learner, split, episodes, n_episodes: int, inner_steps: int, inner_lr, device, chunk: int,
+          bar: Progress | None = None) -> torch.Tensor:
     """Query accuracy of each stored episode after 0..inner_steps steps: (episodes, steps+1).
 
     In eval mode, so a variant whose layers read stored statistics at test time (MAML++'s per-step
@@ -106,9 +119,12 @@ def score(learner, split, episodes, n_episodes: int, inner_steps: int, inner_lr,
     n = min(n_episodes, episodes["n_episodes"])
     was_training = learner.training
     learner.eval()
+    rows = []
     try:
-        rows = [learner.trajectory(*batch, inner_steps=inner_steps, metric=accuracy, inner_lr=inner_lr)
-                for batch in materialize({**episodes, "n_episodes": n}, split, chunk=min(chunk, n), device=device)]
+        for batch in materialize({**episodes, "n_episodes": n}, split, chunk=min(chunk, n), device=device):
+            rows.append(learner.trajectory(*batch, inner_steps=inner_steps, metric=accuracy, inner_lr=inner_lr))
+            if bar is not None:
+                bar.update(min(sum(len(r) for r in rows), n))
     finally:
         learner.train(was_training)
     return torch.cat(rows)[:n]
@@ -139,7 +155,21 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
     sgd_outer = algorithm == "reptile" and learner.meta_optimizer == "sgd"
     optimizer = (torch.optim.SGD if sgd_outer else torch.optim.Adam)(learner.parameters(), lr=cfg.meta_lr)
     best = dict(resume_state["extra"].get("best", {})) if resume_state else {}
-    started = time.perf_counter() - (resume_state["extra"].get("seconds", 0.0) if resume_state else 0.0)
+
+    def validate(done: int) -> dict[str, float]:
+        val = score(learner, val_split, val_episodes, cfg.n_val_episodes, evaluate_cfg.inner_steps,
+                    evaluate_cfg.inner_lr, device, evaluate_cfg.chunk)[:, -1].mean().item()
+        if val > best.get("acc", -1.0):
+            best.update(acc=val, iteration=done)
+            save_torch(run_dir / "best.pt", _model_state(learner, params, benchmark, algorithm, setting, done))
+        if evaluate_cfg.ensemble > 1:  # MAML++ tests its top-k validation checkpoints
+            ensemble.keep_top_k(run_dir, evaluate_cfg.ensemble, val, done,
+                                lambda: _model_state(learner, params, benchmark, algorithm, setting, done))
+        extra_state["best"] = dict(best)
+        return {"meta_val/query_acc": val, "meta_val/best_acc": best["acc"]}
+
+    def validated(done: int) -> bool:
+        return done % cfg.validate_every == 0 or done == cfg.iterations
 
     def step(iteration: int) -> dict[str, float]:
         if hasattr(learner, "set_iteration"):
@@ -159,34 +189,28 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
             "meta_train/query_loss": out.loss.item(),
             "meta_train/query_acc": accuracy(out.query_outputs, batch.query_y).mean().item()})
         done = iteration + 1
-        if main and (done % cfg.validate_every == 0 or done == cfg.iterations):  # the others go on to wait
-            val = score(learner, val_split, val_episodes, cfg.n_val_episodes, evaluate_cfg.inner_steps,
-                        evaluate_cfg.inner_lr, device, evaluate_cfg.chunk)[:, -1].mean().item()
-            metrics["meta_val/query_acc"] = val
-            if val > best.get("acc", -1.0):
-                best.update(acc=val, iteration=done)
-                save_torch(run_dir / "best.pt", _model_state(learner, params, benchmark, algorithm, setting, done))
-            if evaluate_cfg.ensemble > 1:  # MAML++ tests its top-k validation checkpoints
-                ensemble.keep_top_k(run_dir, evaluate_cfg.ensemble, val, done,
-                                    lambda: _model_state(learner, params, benchmark, algorithm, setting, done))
-            metrics["meta_val/best_acc"] = best["acc"]
-        extra_state["best"], extra_state["seconds"] = dict(best), time.perf_counter() - started
+        if main and validated(done):  # the others go on to wait
+            metrics.update(validate(done))
         return metrics
+
+    def on_budget_stop(done: int) -> dict[str, float]:  # the time budget ends the run: validate its last model
+        return validate(done) if main and not validated(done) else {}
 
     extra_state = dict(extra or {})
     loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"{benchmark} {algorithm} {setting}",
                       setting=f"inner_lr={cfg.inner_lr}, meta_lr={cfg.meta_lr}, inner_steps={cfg.inner_steps}",
-                      force_log=("meta_val/query_acc",))
-    result = run_loop(learner, optimizer, step, loop, checkpointer(params, benchmark, algorithm, setting, run_dir),
-                      resume_state=resume_state, log=log, extra=extra_state, progress=progress)
+                      force_log=("meta_val/query_acc",), time_budget_minutes=cfg.time_budget_minutes)
+    checkpoints = checkpointer(params, benchmark, algorithm, setting, run_dir, prepared, episodes_dir)
+    result = run_loop(learner, optimizer, step, loop, checkpoints, resume_state=resume_state, log=log,
+                      extra=extra_state, progress=progress, on_budget_stop=on_budget_stop)
     if not main:
         return result
     save_torch(run_dir / "model.pt", _model_state(learner, params, benchmark, algorithm, setting, result.iterations))
     write_curve(run_dir / "curve.csv", result.history)
     final = result.last()
     write_json(run_dir / "train.json", {"iterations": result.iterations, "best_val_acc": best.get("acc"),
-                                        "best_iteration": best.get("iteration"),
-                                        "seconds": round(extra_state.get("seconds", 0.0), 1), **final})
+                                        "best_iteration": best.get("iteration"), "seconds": round(result.seconds, 1),
+                                        **final, "provenance": train_provenance(result, checkpoints, params, device)})
     return result
 
 
@@ -217,12 +241,18 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
         learner = ensemble.from_top_k(run_dir, ev.ensemble, lambda: build_learner(
             params, benchmark, algorithm, setting, resolved, split.images.shape[2], split.images.shape[3]))
     learner.to(device)
-    acc = score(learner, split, episodes, ev.n_episodes, ev.inner_steps, ev.inner_lr, device, ev.chunk)  # (E, S+1)
+    n = min(ev.n_episodes, episodes["n_episodes"])
+    with Progress(f"evaluate {benchmark} {algorithm} {setting}", n) as bar:
+        acc = score(learner, split, episodes, n, ev.inner_steps, ev.inner_lr, device, ev.chunk, bar)  # (E, S+1)
     per_step = {f"step{s}": dict(zip(("acc", "ci95"), mean_ci95(acc[:, s].cpu().numpy()))) for s in range(acc.shape[1])}
     mean, ci = mean_ci95(acc[:, -1].cpu().numpy())
+    cell = getattr(params, benchmark).settings[setting]
+    protocol = identity(__name__, {"evaluate": to_dict(ev), "cell": to_dict(cell)},
+                        data_hash(prepared, episodes_dir, ev.split, cell))
     metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
                "checkpoint": source.name, "checkpoint_iteration": state["iteration"], "per_step": per_step,
-               "ensemble_iterations": learner.iterations if ev.ensemble > 1 else None}
+               "ensemble_iterations": learner.iterations if ev.ensemble > 1 else None,
+               "provenance": record(protocol, params.profile, device, model=source.name)}
     write_json(out_dir / "metrics.json", metrics)
     rows = ["episode,inner_steps,acc"] + [f"{e},{s},{acc[e, s].item():.6g}" for e in range(acc.shape[0])
                                           for s in range(acc.shape[1])]

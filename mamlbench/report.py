@@ -121,6 +121,66 @@ def _plt():
     return plt
 
 
+# ----------------------------------------------------------------------------- provenance
+CODE_MARK, PROTOCOL_MARK = "†", "‡"
+
+
+def read_provenance(path: Path, key: str | None = None) -> dict:
+    """The provenance a result file carries (`key`: the RL train.json's per-model records); {} if none."""
+    if not path.is_file():
+        return {}
+    found = json.loads(path.read_text()).get("provenance") or {}
+    return (found.get(key) or {}) if key else found
+
+
+def _common(values: list) -> object:
+    return max(dict.fromkeys(values), key=values.count)  # the most frequent; the first on a tie
+
+
+def differs(cells: dict, mark: str) -> dict:
+    """`mark` for each label (table cell) one of whose values differs from the table's most common value."""
+    values = [v for vs in cells.values() for v in vs]
+    common = _common(values) if values else None
+    return {label: mark if any(v != common for v in vs) else "" for label, vs in cells.items()}
+
+
+def _one(records: list[dict], key: str, show=str) -> str:
+    """The value every record has for `key`, or how many different ones there are."""
+    values = list(dict.fromkeys(r.get(key) for r in records))
+    if len(values) > 1:
+        return f"{len(values)} different"
+    return "none" if values[0] is None else show(values[0])
+
+
+def provenance_line(trained: list[dict], evaluated: list[dict], used: str = "") -> str:
+    """One line under a table: what produced its cells, the values they share or how many there are;
+    `used`: the marks the table shows, explained at the end."""
+    trained, evaluated = [r for r in trained if r], [r for r in evaluated if r]
+    records = trained + evaluated
+    if not records:
+        return "Provenance: not recorded (results written before provenance was)."
+
+    def both(key: str) -> str:
+        return ", ".join(f"{_one(group, key)} ({name})" for name, group in (("training", trained),
+                                                                            ("evaluation", evaluated)) if group)
+
+    parts = [f"commit {_one(records, 'git_commit', lambda c: str(c)[:10])}"
+             + (" with uncommitted changes" if any(r.get("git_dirty") for r in records) else ""),
+             f"code {both('code_hash')}", f"data {both('data_hash')}", f"settings {both('settings_hash')}",
+             f"profile {_one(records, 'profile')}",
+             f"torch {_one(records, 'torch')}, CUDA {_one(records, 'cuda')}, MuJoCo {_one(records, 'mujoco')}",
+             f"{_one(trained or records, 'device_name')}, {_one(trained or records, 'threads')} threads"]
+    if trained:
+        reached = sorted({r.get("iterations") for r in trained if r.get("iterations") is not None})
+        budget = sum(r.get("stopped") == "time_budget" for r in trained)
+        parts += [f"training {sum(r.get('wall_seconds') or 0 for r in trained) / 60:.1f} min wall over "
+                  f"{len(trained)} runs", "iterations reached " + "–".join(str(i) for i in reached[::max(len(reached) - 1, 1)])
+                  + (f" ({budget} runs stopped by their time budget)" if budget else "")]
+    legend = {CODE_MARK: "trained or evaluated by other code than the rest of the table",
+              PROTOCOL_MARK: "evaluated under another protocol (settings or data) than the rest of its setting"}
+    return "Provenance: " + "; ".join(parts) + "." + "".join(f" {m}: {legend[m]}." for m in legend if m in used)
+
+
 # ----------------------------------------------------------------------------- few-shot
 def fewshot_cells(params: Params, benchmark: str, runs: Path) -> pd.DataFrame:
     """One row per (variant, setting, seed) that the params name and that has been evaluated."""
@@ -134,14 +194,35 @@ def fewshot_cells(params: Params, benchmark: str, runs: Path) -> pd.DataFrame:
                 if not metrics.is_file():
                     continue
                 m = json.loads(metrics.read_text())
+                trained = read_provenance(folder / "train.json")
                 rows.append({"algorithm": algorithm, "setting": setting, "seed": seed, "acc": m["acc"],
                              "ci95": m["ci95"], "n_episodes": m["n_episodes"], "folder": folder,
-                             "iterations": fewshot_train(params, benchmark, algorithm, setting).iterations})
+                             "iterations": trained.get("iterations",  # reached, under a time budget
+                                                       fewshot_train(params, benchmark, algorithm, setting).iterations),
+                             "trained": trained, "evaluated": m.get("provenance") or {}})
     return pd.DataFrame(rows)
+
+
+def fewshot_marks(cells: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """† / ‡ per (variant, setting): code against the whole table, the protocol within a setting (each
+    setting has its own episodes)."""
+    def codes(g):
+        return [(t.get("code_hash"), e.get("code_hash")) for t, e in zip(g["trained"], g["evaluated"])]
+
+    def protocols(g):
+        return [(e.get("settings_hash"), e.get("data_hash")) for e in g["evaluated"]]
+
+    code = differs({k: codes(g) for k, g in cells.groupby(["algorithm", "setting"], sort=False)}, CODE_MARK)
+    protocol = {}
+    for _, in_setting in cells.groupby("setting", sort=False):
+        protocol.update(differs({k: protocols(g) for k, g in in_setting.groupby(["algorithm", "setting"], sort=False)},
+                                PROTOCOL_MARK))
+    return {k: code[k] + protocol[k] for k in code}
 
 
 def fewshot_table(cells: pd.DataFrame, benchmark: str) -> pd.DataFrame:
     rows = []
+    flags = fewshot_marks(cells)
     for (algorithm, setting), group in cells.groupby(["algorithm", "setting"], sort=False):
         if len(group) == 1:
             acc, ci = group["acc"].iloc[0], group["ci95"].iloc[0]
@@ -150,7 +231,8 @@ def fewshot_table(cells: pd.DataFrame, benchmark: str) -> pd.DataFrame:
             acc, ci = seeds_ci95(group["acc"])
             spread = f"{100 * group['acc'].std(ddof=1):.2f} ({pct(group['acc'].min())}–{pct(group['acc'].max())})"
         paper = PAPER.get(benchmark, {}).get((algorithm, setting))
-        rows.append({"variant": algorithm, "setting": setting, "iterations": int(group["iterations"].iloc[0]),
+        rows.append({"variant": f"{algorithm} {flags[(algorithm, setting)]}".strip(), "setting": setting,
+                     "iterations": "–".join(dict.fromkeys(str(int(i)) for i in sorted(group["iterations"]))),
                      "seeds": len(group), "episodes": int(group["n_episodes"].iloc[0]),
                      "accuracy % (95% CI)": pct(acc, ci), "sd over seeds": spread,
                      "paper %": "—" if paper is None else (f"{paper[0]:.2f}" + (f" ± {paper[1]:.2f}" if paper[1] else "")),
@@ -229,7 +311,8 @@ def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -
               "checkpoint its protocol tests (both per cell in [docs/protocols.md](../docs/protocols.md) and in "
               "its `metrics.json`). One seed: 95% CI over episodes (1.96 std / sqrt(n), the reference's formula); "
               "several: the mean over seeds with a t 95% CI over seeds, and their sd (min–max).", "",
-              table(fewshot_table(cells, benchmark)), ""]
+              table(fewshot_table(cells, benchmark)), "",
+              provenance_line(list(cells["trained"]), list(cells["evaluated"]), "".join(fewshot_marks(cells).values())), ""]
     comparison = paired_table(cells)
     if not comparison.empty:
         lines += ["Paired against MAML on the same test episodes (difference of per-episode accuracy, final step):",
@@ -265,10 +348,15 @@ def sinusoid_section(params: Params, runs: Path, figures: Path) -> list[str]:
         d = diffs[0] if len(diffs) == 1 else dict(zip(("diff", "ci95"), seeds_ci95([x["diff"] for x in diffs])))
         row["maml − pretrain, paired"] = f"{d['diff']:+.3f} ± {d['ci95']:.3f}"
         rows.append(row)
+    trained = {m: [read_provenance(f.parent / m / "train.json") for _, f in folders] for m in ("maml", "pretrain")}
+    evaluated = [read_provenance(f / "metrics.json") for _, f in folders]
+    flags = differs({m: [r.get("code_hash") for r in records] for m, records in trained.items()}, CODE_MARK)
+    frame = pd.DataFrame(rows).rename(columns={f"{m} MSE (95% CI)": f"{m}{flags[m]} MSE (95% CI)" for m in flags})
     lines += [f"Query MSE on {params.sinusoid.evaluate.n_tasks} fixed test tasks after K-shot adaptation with "
               f"step size {params.sinusoid.evaluate.inner_lr} (seeds: {', '.join(str(s) for s, _ in folders)}). "
               "The paper shows this as figures 2–3 only (no table): MAML keeps improving past one step, the "
-              "pretrained baseline barely moves.", "", table(pd.DataFrame(rows)), ""]
+              "pretrained baseline barely moves.", "", table(frame), "",
+              provenance_line(trained["maml"] + trained["pretrain"], evaluated, "".join(flags.values())), ""]
     plt = _plt()
     fig, axes = plt.subplots(1, tasks["k_shot"].nunique(), figsize=(9, 3.2), sharey=True)
     for ax, (k, group) in zip(np.atleast_1d(axes), tasks.groupby("k_shot")):
@@ -301,12 +389,16 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
         runs = [(s, json.loads(p.read_text())) for s, p in files if p.is_file()]
         if not runs:
             continue
+        evaluated = [r.pop("provenance", None) or {} for _, r in runs]
+        trained = {m: [read_provenance(p.parent / "train.json", m) for s, p in files if p.is_file()]
+                   for m in runs[0][1] if m != "random"}
         found = True
         policies = list(runs[0][1])
         steps = sorted({int(k.split("_")[1]) for m in runs[0][1].values() for k in m})
         rows = []
+        flags = differs({m: [r.get("code_hash") for r in records] for m, records in trained.items()}, CODE_MARK)
         for policy in policies:
-            row = {"policy": policy}
+            row = {"policy": policy + flags.get(policy, "")}
             for step in steps:
                 values = [r[policy][f"step_{step}"] for _, r in runs]
                 if len(values) == 1:
@@ -317,7 +409,9 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
             rows.append(row)
         lines += [f"### {env}", "", f"Average return after 0..{steps[-1]} policy-gradient steps on the fixed test "
                   f"tasks (95% CI; seeds {', '.join(str(s) for s, _ in runs)}). The paper reports these as "
-                  "figures 4–5 (no table): paper value —.", "", table(pd.DataFrame(rows)), ""]
+                  "figures 4–5 (no table): paper value —.", "", table(pd.DataFrame(rows)), "",
+                  provenance_line([r for records in trained.values() for r in records], evaluated,
+                                  "".join(flags.values())), ""]
         plt = _plt()
         fig, ax = plt.subplots()
         for policy in policies:

@@ -7,6 +7,7 @@ join the process group; only rank 0 clears foreign checkpoints, opens the MLflow
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 from mamlbench import distributed, fewshot, sinusoid
@@ -28,6 +29,12 @@ def _resume_state(checkpoints) -> dict | None:
         checkpoints.discard_foreign()
     distributed.barrier()
     return checkpoints.latest()
+
+
+def _log_provenance(tracker: Tracker, result: Path) -> None:
+    """The provenance the result file carries, onto the MLflow run (rank 0 wrote the file)."""
+    if result.is_file():
+        tracker.log_provenance(json.loads(result.read_text()).get("provenance", {}))
 
 
 def _tracked(params: Params, benchmark: str, run_name: str, **kwargs):
@@ -66,6 +73,7 @@ def _train_sinusoid(params: Params, kind: str, section, run_dir: str | Path, pro
                                 extra={"mlflow_run_id": tracker.run_id}, progress=progress)
         for name in ("model.pt", "curve.csv", "train.json"):
             tracker.log_artifact(Path(run_dir) / name)
+        _log_provenance(tracker, Path(run_dir) / "train.json")
     return {"iterations": result.iterations, "resumed_from": result.resumed_from}
 
 
@@ -85,6 +93,7 @@ def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Pa
         tracker.log_metrics(flat)
         for name in ("metrics.json", "per_task.csv", "fits.png"):
             tracker.log_artifact(Path(out_dir) / name)
+        _log_provenance(tracker, Path(out_dir) / "metrics.json")
     return metrics
 
 
@@ -105,7 +114,7 @@ def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: s
 
 def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str, cfg, run_dir: str | Path,
                    prepared: str | Path, episodes_dir: str | Path, progress: bool) -> dict:
-    checkpoints = fewshot.checkpointer(params, benchmark, algorithm, setting, run_dir)
+    checkpoints = fewshot.checkpointer(params, benchmark, algorithm, setting, run_dir, prepared, episodes_dir)
     state = _resume_state(checkpoints)
     run_id = state["extra"].get("mlflow_run_id") if state else None
     cell = getattr(params, benchmark).settings[setting]
@@ -125,6 +134,7 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
                                extra={"mlflow_run_id": tracker.run_id}, progress=progress)
         for name in ("best.pt", "curve.csv", "train.json"):
             tracker.log_artifact(Path(run_dir) / name)
+        _log_provenance(tracker, Path(run_dir) / "train.json")
     return {"iterations": result.iterations, "resumed_from": result.resumed_from, **result.last()}
 
 
@@ -145,4 +155,5 @@ def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm
             tracker.log_metrics({"meta_test/acc_by_step": value["acc"]}, step=step)
         for name in ("metrics.json", "per_episode.csv", "steps.csv"):
             tracker.log_artifact(Path(out_dir) / name)
+        tracker.log_provenance(metrics["provenance"])
     return metrics

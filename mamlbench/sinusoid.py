@@ -6,7 +6,6 @@ each of the fixed test tasks and reports the query MSE after 0, 1, 5 and 10 step
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -18,9 +17,11 @@ from mamlbench.config import Params
 from mamlbench.data.sinusoid import fixed_test_tasks, sample_points, sample_tasks, task_batch
 from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.mlp import MLP
+from mamlbench.provenance import identity, record
+from mamlbench.stats import mean_ci95
 from mamlbench.schema import to_dict
-from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, fingerprint, meta_update, resolve_device, run_loop,
-                             trajectory_settings, write_curve)
+from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, meta_update, resolve_device, run_loop,
+                             train_provenance, trajectory_settings, write_curve)
 
 MODELS = ("maml", "pretrain")
 
@@ -28,18 +29,19 @@ MODELS = ("maml", "pretrain")
 def build_model(params: Params) -> MLP:
     """The paper's 1-40-40-1 ReLU regressor, initialised from the run's seed."""
     torch.manual_seed(rng.derive_seed(params.seed, "sinusoid-init"))
-    return MLP(1, params.sinusoid.hidden, 1)
+    return MLP(1, params.sinusoid.hidden, 1, init=params.sinusoid.init)
 
 
-def run_fingerprint(params: Params, kind: str) -> str:
+def trajectory(params: Params, kind: str) -> dict:
     """What fixes a training trajectory (budgets and logging periods excluded: a run may be extended)."""
     section = trajectory_settings(to_dict(params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain),
-                                  ("iterations", "checkpoint_every", "log_every"))
-    return fingerprint({"kind": kind, "seed": params.seed, "hidden": params.sinusoid.hidden, **section})
+                                  ("iterations", "time_budget_minutes", "checkpoint_every", "log_every"))
+    return {"kind": kind, "seed": params.seed, "hidden": params.sinusoid.hidden, "init": params.sinusoid.init,
+            **section}
 
 
 def checkpointer(params: Params, kind: str, run_dir: str | Path) -> Checkpointer:
-    return Checkpointer(Path(run_dir) / "checkpoints", run_fingerprint(params, kind))
+    return Checkpointer(Path(run_dir) / "checkpoints", identity(__name__, trajectory(params, kind)))
 
 
 def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict | None = None,
@@ -84,15 +86,18 @@ def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict 
 
         setting = f"lr={cfg.lr}"
 
-    loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"sinusoid {kind}", setting=setting)
-    result = run_loop(learner, optimizer, step, loop, checkpointer(params, kind, run_dir),
-                      resume_state=resume_state, log=log, extra=extra, progress=progress)
+    loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"sinusoid {kind}", setting=setting,
+                      time_budget_minutes=getattr(cfg, "time_budget_minutes", None))  # the baseline has none
+    checkpoints = checkpointer(params, kind, run_dir)
+    result = run_loop(learner, optimizer, step, loop, checkpoints, resume_state=resume_state, log=log, extra=extra,
+                      progress=progress)
     if not distributed.is_main():  # rank 0 writes the outputs
         return result
     save_torch(run_dir / "model.pt", {"state_dict": model.state_dict(), "hidden": params.sinusoid.hidden,
                                       "kind": kind, "iterations": result.iterations})
     write_curve(run_dir / "curve.csv", result.history)
-    write_json(run_dir / "train.json", {"iterations": result.iterations, **result.last()})
+    write_json(run_dir / "train.json", {"iterations": result.iterations, **result.last(),
+                                        "provenance": train_provenance(result, checkpoints, params, device)})
     return result
 
 
@@ -103,30 +108,28 @@ def load_model(path: str | Path) -> MLP:
     return model
 
 
-def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% confidence interval."""
-    values = values.double()
-    return values.mean().item(), 1.96 * values.std(unbiased=True).item() / math.sqrt(values.numel())
-
-
 def evaluate(params: Params, model_paths: dict[str, str | Path], out_dir: str | Path) -> dict:
     """Query MSE of each model on the fixed test tasks; writes metrics.json, per_task.csv, fits.png."""
     cfg = params.sinusoid.evaluate
     out_dir = Path(out_dir)
     max_k, max_steps = max(cfg.k_shots), max(cfg.inner_steps)
-    tasks, support_x, support_y, query_x, query_y = fixed_test_tasks(cfg.n_tasks, max_k, cfg.n_query, cfg.seed)
+    n_query = cfg.n_query or max_k  # null: K queries for K shots, the first K of max_k stored ones
+    tasks, support_x, support_y, query_x, query_y = fixed_test_tasks(cfg.n_tasks, max_k, n_query, cfg.seed)
     metrics: dict = {}
     rows = ["model,k_shot,inner_steps,task,mse"]
     models = {name: load_model(path) for name, path in model_paths.items()}
     for name, model in models.items():
         learner = MAML(model, inner_lr=cfg.inner_lr, loss_fn=F.mse_loss)
         for k in cfg.k_shots:
-            mse = learner.trajectory(support_x[:, :k], support_y[:, :k], query_x, query_y, max_steps)  # (tasks, steps+1)
+            q = cfg.n_query or k
+            mse = learner.trajectory(support_x[:, :k], support_y[:, :k], query_x[:, :q], query_y[:, :q],
+                                     max_steps)  # (tasks, steps+1)
             for s in cfg.inner_steps:
-                mean, ci = mean_ci95(mse[:, s])
+                mean, ci = mean_ci95(mse[:, s].numpy())
                 metrics.setdefault(name, {}).setdefault(f"k{k}", {})[f"step{s}"] = {"mse": mean, "ci95": ci}
                 rows += [f"{name},{k},{s},{t},{v:.6g}" for t, v in enumerate(mse[:, s].tolist())]
-    write_json(out_dir / "metrics.json", metrics)
+    protocol = identity(__name__, {"evaluate": to_dict(cfg)})
+    write_json(out_dir / "metrics.json", {**metrics, "provenance": record(protocol, params.profile, "cpu")})
     write_text(out_dir / "per_task.csv", "\n".join(rows) + "\n")
     plot_fits(models, tasks, support_x, support_y, cfg.inner_lr, out_dir / "fits.png")
     return metrics

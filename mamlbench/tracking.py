@@ -66,6 +66,10 @@ class Tracker:
         if self.client is not None and Path(path).exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
+    def log_provenance(self, provenance: dict[str, Any]) -> None:
+        """What produced the run's result (`mamlbench.provenance.record`) as `provenance.<key>` tags."""
+        self.set_tags({f"provenance.{k}": v for k, v in provenance.items() if v is not None})
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.client is None:
             return

@@ -4,35 +4,34 @@ A benchmark supplies `step(iteration) -> metrics`, which draws its own batch fro
 (seed, iteration) and updates the learner; this loop owns everything around it. Checkpoints hold
 the learner, the optimiser, the iteration and the metrics history, written atomically; `resume`
 continues from the newest checkpoint that loads, so a run killed anywhere and restarted ends with
-exactly the parameters of an uninterrupted run on the CPU.
+exactly the parameters of an uninterrupted run on the CPU. A checkpoint resumes only a run of the
+same identity (`mamlbench.provenance.RunIdentity`: code, settings, data); any other starts afresh and
+says which part changed. With a time budget the loop stops after the iteration that passes it and
+records so in the checkpoint: a rerun trains no further.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from mamlbench import distributed
 from mamlbench.io import fault_point, load_torch, remove_stale_temps, save_torch, write_text
+from mamlbench.progress import Progress
+from mamlbench.provenance import RunIdentity, record
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the iteration and the setting."""
-
-
-def fingerprint(config: Any) -> str:
-    """Hash of what determines a run's trajectory: a checkpoint only resumes a run with the same one."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def trajectory_settings(section: dict, ignore: tuple[str, ...]) -> dict:
@@ -59,8 +58,10 @@ class Checkpointer:
     `ckpt-XXXXXXXX.pt`, so they are never read, and `discard_foreign` removes them.
     """
 
-    def __init__(self, folder: str | Path, run_fingerprint: str, keep: int = 2):
-        self.folder, self.run_fingerprint, self.keep = Path(folder), run_fingerprint, keep
+    def __init__(self, folder: str | Path, identity: RunIdentity | str, keep: int = 2):
+        self.folder, self.keep = Path(folder), keep
+        self.identity = identity if isinstance(identity, RunIdentity) else None  # a bare str: a fingerprint as is
+        self.run_fingerprint = identity.fingerprint if self.identity else identity
 
     def paths(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -91,17 +92,25 @@ class Checkpointer:
         kept (and skipped by `latest`) for inspection until the run overwrites or prunes them."""
         if self.folder.is_dir():
             remove_stale_temps(self.folder)
-        for path in self.paths():
+        said = False
+        for path in reversed(self.paths()):
             try:
-                fingerprint_ = load_torch(path, require_digest=True).get("fingerprint")
+                state = load_torch(path, require_digest=True)
             except Exception:
                 continue
-            if fingerprint_ != self.run_fingerprint:
+            if state.get("fingerprint") != self.run_fingerprint:
+                if not said and self.identity is not None:  # one line, about the newest
+                    stored = state.get("identity")
+                    what = " and ".join(self.identity.changed(stored)) if stored else "identity (it predates them)"
+                    print(f"note: {self.folder}: starting afresh, not resuming {path.name}: its {what} "
+                          f"{'differ' if ' and ' in what else 'differs'} from this run's", file=sys.stderr)
+                    said = True
                 path.unlink()
 
     def save(self, state: dict) -> Path:
         path = self.folder / f"ckpt-{state['iteration']:08d}.pt"
-        save_torch(path, {**state, "fingerprint": self.run_fingerprint})
+        identity = asdict(self.identity) if self.identity else None
+        save_torch(path, {**state, "fingerprint": self.run_fingerprint, "identity": identity})
         for old in self.paths()[:-self.keep]:
             old.unlink(missing_ok=True)
         fault_point("after-prune", path)
@@ -142,16 +151,19 @@ class LoopConfig:
     iterations: int
     checkpoint_every: int
     log_every: int
-    describe: str = "meta-train"          # progress bar label
+    describe: str = "meta-train"          # progress label
     setting: str = ""                     # named in a divergence message, e.g. "inner_lr=0.01, meta_lr=0.001"
     force_log: tuple[str, ...] = ()       # metrics (e.g. validation) that are logged whenever present
+    time_budget_minutes: float | None = None  # stop after the iteration that passes this much wall time
 
 
 @dataclass
 class LoopResult:
-    iterations: int
+    iterations: int                       # reached: fewer than configured when the time budget stopped the run
     history: list[dict[str, float]] = field(default_factory=list)  # one row per logged iteration
     resumed_from: int = 0
+    seconds: float = 0.0                  # wall time of training, summed over resumes
+    stopped: str = "iterations"           # why training stopped: "iterations" or "time_budget"
 
     def last(self) -> dict[str, float]:
         """The newest value of every metric."""
@@ -159,6 +171,12 @@ class LoopResult:
         for row in self.history:
             out.update({k: v for k, v in row.items() if k != "iteration"})
         return out
+
+
+def train_provenance(result: LoopResult, checkpointer: Checkpointer, params, device) -> dict:
+    """The provenance of a finished `run_loop` (`mamlbench.provenance.record`) for train.json and MLflow."""
+    return record(checkpointer.identity, params.profile, device, seconds=result.seconds, iterations=result.iterations,
+                  stopped=result.stopped, resumed_from=result.resumed_from)
 
 
 def write_curve(path: str | Path, history: list[dict[str, float]]) -> None:
@@ -173,28 +191,35 @@ def write_curve(path: str | Path, history: list[dict[str, float]]) -> None:
 def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[int], dict[str, float]],
              config: LoopConfig, checkpointer: Checkpointer, *, resume_state: dict | None = None,
              log: Callable[[dict[str, float], int], None] | None = None, extra: dict | None = None,
-             progress: bool = True) -> LoopResult:
+             progress: bool = True, on_budget_stop: Callable[[int], dict[str, float]] | None = None) -> LoopResult:
     """Run iterations [start, config.iterations) of `step`, checkpointing and logging as configured.
 
     `history` records the metrics of every `log_every`-th iteration, the last, and any iteration whose
     metrics hold a `force_log` key (e.g. a validation); it travels in the checkpoint so a resumed
     run's learning curve is whole. `extra` is saved in every checkpoint as is: `step` may update it.
+    When the time budget stops the run, `on_budget_stop(done)` adds metrics to that last iteration
+    (few-shot: a validation, so best.pt has seen the end).
 
     Under torchrun every rank runs this loop (its `step` does the collectives); only rank 0 saves
     checkpoints, calls `log` and shows progress, and all ranks resume from the same checkpoint.
     """
     main = distributed.is_main()
     history: list[dict[str, float]] = []
-    start = 0
+    start, before, total = 0, 0.0, config.iterations
+    budget_s = None if config.time_budget_minutes is None else 60.0 * config.time_budget_minutes
     if resume_state is not None:
         learner.load_state_dict(resume_state["learner"])
         optimizer.load_state_dict(resume_state["optimizer"])
         history = [dict(row) for row in resume_state["history"]]
-        start = resume_state["iteration"]
+        start, before = resume_state["iteration"], resume_state.get("seconds", 0.0)
+        if resume_state.get("out_of_time") and budget_s is not None and before >= budget_s:
+            total = start  # the budget already stopped this run: train no further
     distributed.broadcast_state(learner)  # identical starting weights on every rank, as DDP does
     extra = extra if extra is not None else {}
+    began = time.perf_counter()
+    seconds = before
 
-    def snapshot(iteration: int) -> None:
+    def snapshot(iteration: int, out_of_time: bool) -> None:
         bad = _finite_state(learner)
         if bad is not None:  # finite metrics, but the update that followed them was not: keep the last good file
             raise TrainingDiverged(
@@ -202,30 +227,39 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
                 + (f" ({config.setting})" if config.setting else "") + "; the last good checkpoint is kept")
         if main:
             checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
-                               "optimizer": optimizer.state_dict(), "history": history, "extra": extra})
+                               "optimizer": optimizer.state_dict(), "history": history, "extra": extra,
+                               "seconds": seconds, "out_of_time": out_of_time})
         distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(*columns, disable=not (progress and main), transient=False) as bar:
-        task = bar.add_task(config.describe, total=config.iterations, completed=start, status="")
-        for iteration in range(start, config.iterations):
+    shown: dict[str, float] = {}   # the progress status: the newest training figure and validation figures
+    stopped = "time_budget" if total < config.iterations else "iterations"
+    with Progress(config.describe, config.iterations, start=start, enabled=progress and main) as bar:
+        for iteration in range(start, total):
             metrics = step(iteration)
+            done = iteration + 1
+            seconds = before + time.perf_counter() - began
+            # under torchrun every rank stops after the same iteration: the first clock past the budget decides
+            out_of_time = (budget_s is not None and done < total
+                           and distributed.mean_metrics({"over": float(seconds >= budget_s)})["over"] > 0)
+            if out_of_time and on_budget_stop is not None:
+                metrics = {**metrics, **on_budget_stop(done)}
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             if bad:
                 raise TrainingDiverged(
                     f"{config.describe}: {bad[0]} = {metrics[bad[0]]} at iteration {iteration}"
                     + (f" ({config.setting})" if config.setting else "")
                     + "; the last good checkpoint is kept")
-            done = iteration + 1
             forced = any(k in metrics for k in config.force_log)
-            if done % config.log_every == 0 or done == config.iterations or forced:
+            if done % config.log_every == 0 or done == total or forced or out_of_time:
                 history.append({"iteration": done, **{k: float(v) for k, v in metrics.items()}})
                 if log is not None and main:
                     log(metrics, done)
-                bar.update(task, status=" ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:2]))
-            if done % config.checkpoint_every == 0 or done == config.iterations:
-                snapshot(done)
-            bar.update(task, completed=done)
-    return LoopResult(config.iterations, history, start)
+                first = next(iter(metrics), None)
+                shown.update({k: v for k, v in metrics.items() if k == first or k in config.force_log})
+            if done % config.checkpoint_every == 0 or done == total or out_of_time:
+                snapshot(done, out_of_time)
+            bar.update(done, status=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+            if out_of_time:
+                stopped, total = "time_budget", done
+                break
+    return LoopResult(total, history, start, seconds, stopped)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import write_params
 from mamlbench import fewshot, runs
-from mamlbench.config import load_params
+from mamlbench.config import fewshot_cell, load_params
 from mamlbench.data.episodes import episodize
 from mamlbench.data.params import EpisodeSetting
 from mamlbench.data.prepared import write_prepared
@@ -75,11 +75,14 @@ def test_variant_trains_resumes_bit_exact_and_evaluates(tmp_path, glyphs, algori
     assert (tmp_path / "a" / "curve.csv").read_text() == (tmp_path / "b" / "curve.csv").read_text()
 
     metrics = runs.evaluate_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "a", tmp_path / "eval", **data)
-    assert metrics["n_episodes"] == 40 and set(metrics["per_step"]) == {"step0", "step1", "step2"}
+    steps = fewshot_cell(load_params(params_path), "omniglot", algorithm, "5w1s").evaluate.inner_steps
+    assert steps == 1 if algorithm == "metasgd" else steps >= 1  # Meta-SGD tests with its one training step
+    assert metrics["n_episodes"] == 40 and set(metrics["per_step"]) == {f"step{s}" for s in range(steps + 1)}
     assert metrics["per_step"]["step0"]["acc"] < 0.45, "before adaptation a 5-way classifier is near chance"
-    assert metrics["acc"] == pytest.approx(metrics["per_step"]["step2"]["acc"])
+    assert metrics["acc"] == pytest.approx(metrics["per_step"][f"step{steps}"]["acc"])
+    assert metrics["checkpoint"] == "model.pt", "the original code tests its final model"
     rows = (tmp_path / "eval" / "per_episode.csv").read_text().splitlines()
-    assert len(rows) == 1 + 40 * 3
+    assert len(rows) == 1 + 40 * (steps + 1)
 
 
 def test_maml_learns_the_synthetic_glyphs(tmp_path, glyphs):
@@ -92,8 +95,11 @@ def test_maml_learns_the_synthetic_glyphs(tmp_path, glyphs):
     curve = (tmp_path / "run" / "curve.csv").read_text().splitlines()
     header = curve[0].split(",")
     assert {"meta_train/query_loss", "meta_val/query_acc"} <= set(header)
-    losses = [float(r.split(",")[header.index("meta_train/query_loss")]) for r in curve[1:]]
-    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    # The query loss is summed over the query set (shot_sum) and swings with the episodes; validation
+    # accuracy on the fixed episodes is the steadier sign of learning.
+    column = header.index("meta_val/query_acc")
+    val = [float(r.split(",")[column]) for r in curve[1:] if r.split(",")[column]]
+    assert len(val) >= 5 and np.mean(val[-2:]) > np.mean(val[:2]), val
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["best_iteration"] in (6, 12, 18, 24, 30, 36, 42, 48, 54, 60)
 
@@ -101,7 +107,7 @@ def test_maml_learns_the_synthetic_glyphs(tmp_path, glyphs):
 def test_same_seed_same_numbers_across_variants_initialisation(tmp_path, glyphs):
     """Every variant of a cell starts from the same weights (paired comparisons)."""
     params = load_params(tiny(tmp_path))
-    cfg = fewshot.fewshot_train(params, "omniglot", "maml", "5w1s")
+    cfg = fewshot_cell(params, "omniglot", "maml", "5w1s")
     a = fewshot.build_learner(params, "omniglot", "maml", "5w1s", cfg, 1, 28).model.state_dict()
     b = fewshot.build_learner(params, "omniglot", "anil", "5w1s", cfg, 1, 28).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -60,7 +60,7 @@ def test_paired_difference_and_ci():
     d = paired(a, b)
     diff = a - b
     assert d["diff"] == pytest.approx(diff.mean())
-    assert d["ci95"] == pytest.approx(1.96 * diff.std(ddof=1) / 2)
+    assert d["ci95"] == pytest.approx(1.96 * diff.std(ddof=0) / 2)  # the reference's formula (cbfinn/maml main.py:201)
     assert (d["a_wins"], d["b_wins"], d["ties"]) == (3, 0, 1)
     with pytest.raises(ValueError, match="same episodes"):
         paired(a, b[:3])

@@ -8,7 +8,8 @@ from mamlbench.algorithms.core import split_state
 from mamlbench.rl.envs import sample_tasks
 from mamlbench.rl.maml_trpo import MetaConfig, collect, make_policy, surrogate, trpo_update
 from mamlbench.rl.sampler import Sampler
-from mamlbench.rl.trpo import conjugate_gradient, fisher_vector_product, flat, line_search
+from mamlbench.rl.policy import GaussianMLPPolicy, kl as gaussian_kl
+from mamlbench.rl.trpo import conjugate_gradient, fisher_vector_product, flat, line_search, natural_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,10 +36,73 @@ def test_fisher_vector_product_is_the_hessian_of_the_kl():
 
 
 def test_line_search_backtracks_and_rejects():
-    step, _, kl, backtracks = line_search(lambda s: (-1.0, float(s.norm())), torch.ones(4), max_kl=0.3)
+    step, _, kl, backtracks = line_search(lambda s: (-1.0, float(s.norm())), torch.ones(4), max_kl=0.3,
+                                          backtrack_ratio=0.5)
     assert backtracks == 3 and kl <= 0.3 and torch.allclose(step, torch.full((4,), 0.125))
     step, *_ = line_search(lambda s: (1.0, 0.0), torch.ones(4), max_kl=0.3, max_steps=4)
     assert step is None
+
+
+def test_line_search_backtracks_by_rllabs_ratio():
+    """rllab's ConjugateGradientOptimizer: backtrack_ratio=0.8, max_backtracks=15
+    (conjugate_gradient_optimizer.py:130-131); pytorch-maml-rl's configs the same."""
+    from mamlbench.rl.params import RLEnvParams
+    from mamlbench.rl.train import meta_config
+    tried = []
+
+    def never_good(step):
+        tried.append(float(step[0]))
+        return 1.0, 0.0
+    assert line_search(never_good, torch.ones(1, dtype=torch.float64), max_kl=1.0)[0] is None
+    assert tried == pytest.approx([0.8 ** i for i in range(15)], rel=1e-12)
+    cfg = meta_config(RLEnvParams())
+    assert (cfg.ls_backtrack_ratio, cfg.ls_max_steps) == (0.8, 15)
+    assert (MetaConfig().ls_backtrack_ratio, MetaConfig().ls_max_steps) == (0.8, 15)
+
+
+def _known_fisher_policy():
+    """A linear Gaussian policy mean = W x + b, fixed observations: its KL's Hessian at the old
+    policy is known in closed form (below); std 0.5 and 2 so that the scale matters."""
+    policy = GaussianMLPPolicy(3, 2, hidden=[]).double()
+    with torch.no_grad():
+        policy.log_std.copy_(torch.log(torch.tensor([0.5, 2.0], dtype=torch.float64)))
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return policy, x
+
+
+def _fisher_by_hand(x, std):
+    """Hessian of mean_n KL(old || new) at new = old for params [log_std (2), W (2x3, row-major), b (2)]:
+    2 for each log_std; (1 / std_a^2) E[phi phi'], phi = (x, 1), per action dim a (W[a, :] and b[a])."""
+    phi = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    moment = phi.T @ phi / len(x)                                   # (4, 4)
+    F = torch.zeros(10, 10, dtype=x.dtype)
+    for a in range(2):
+        F[a, a] = 2.0
+        idx = torch.tensor([2 + 3 * a, 3 + 3 * a, 4 + 3 * a, 8 + a])   # W[a, 0..2], b[a]
+        F[idx[:, None], idx[None, :]] = moment / std[a] ** 2
+    return F
+
+
+def test_full_step_has_quadratic_kl_max_kl_on_a_known_fisher():
+    """The full step s = -beta F^-1 g with 0.5 s'Fs = max_kl (rllab conjugate_gradient_optimizer.py:270-272);
+    the old `sqrt(2 max_kl / (0.5 s'Fs))` gave 2 max_kl."""
+    policy, x = _known_fisher_policy()
+    params, buffers = split_state(policy)
+    from mamlbench.algorithms.core import forward
+    mean, log_std = forward(policy, params, buffers, x)
+    kl = gaussian_kl(mean.detach(), log_std.detach(), mean, log_std).mean()
+    F = _fisher_by_hand(x, torch.tensor([0.5, 2.0], dtype=torch.float64))
+    assert list(params) == ["log_std", "mu.0.weight", "mu.0.bias"]
+    Fv = fisher_vector_product(kl, params, damping=0.0)
+    v = torch.randn(10, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch.testing.assert_close(Fv(v), F @ v)                        # the Fisher really is the one by hand
+    g = torch.randn(10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    max_kl = 0.01
+    step = natural_step(g, Fv, max_kl, cg_iters=10)
+    assert float(0.5 * step @ F @ step) == pytest.approx(max_kl, rel=1e-8)
+    direction = -torch.linalg.solve(F, g)
+    expected = direction * torch.sqrt(2 * max_kl / (direction @ F @ direction))
+    torch.testing.assert_close(step, expected, rtol=1e-6, atol=1e-10)
 
 
 def _meta_batch(cfg, seed=0):

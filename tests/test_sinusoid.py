@@ -36,7 +36,8 @@ def test_task_distribution_matches_the_paper():
 def test_short_run_adapts_and_beats_the_pretrained_baseline(tmp_path):
     params_path = write_params(tmp_path / "params.yaml", {
         "profile": "t", "profiles": {"t": {}}, "tracking": {"enabled": False},
-        "sinusoid": {"train": {"iterations": 1500, "checkpoint_every": 1500, "log_every": 100},
+        # torch's init: the reference's N(0, 0.01) needs far more than 1500 iterations to leave zero
+        "sinusoid": {"init": "torch", "train": {"iterations": 1500, "checkpoint_every": 1500, "log_every": 100},
                      "pretrain": {"iterations": 1500, "checkpoint_every": 1500, "log_every": 100},
                      "evaluate": {"n_tasks": 200, "k_shots": [10], "inner_steps": [0, 1, 10]}}})
     params = load_params(params_path)
@@ -90,7 +91,9 @@ def test_killed_run_resumes_bit_exact(tmp_path, tiny_sinusoid):
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert (straight / "curve.csv").read_text() == (resumed / "curve.csv").read_text()
-    assert json.loads((straight / "train.json").read_text()) == json.loads((resumed / "train.json").read_text())
+    def results(run: Path) -> dict:  # the provenance differs: wall time, where it resumed
+        return {k: v for k, v in json.loads((run / "train.json").read_text()).items() if k != "provenance"}
+    assert results(straight) == results(resumed)
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path, tiny_sinusoid):

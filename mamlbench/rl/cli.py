@@ -47,15 +47,20 @@ def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, half
     if not progress:
         summary = train_env(params, env, out, metrics, seed=seed, profile=profile)
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
-            ids: dict[str, int] = {}
+        from mamlbench.progress import Progress
+        bars: dict[str, Progress] = {}
 
-            def update(label: str, done: int, total: int) -> None:
-                if label not in ids:
-                    ids[label] = bar.add_task(label, total=total, completed=done - 1)
-                bar.update(ids[label], completed=done)
+        def update(label: str, done: int, total: int) -> None:
+            if label not in bars:  # the next model: the previous bar is done
+                for bar in bars.values():
+                    bar.close()
+                bars[label] = Progress(label, total, start=done - 1)
+            bars[label].update(done)
+        try:
             summary = train_env(params, env, out, metrics, progress=update, seed=seed, profile=profile)
+        finally:
+            for bar in bars.values():
+                bar.close()
     for model, m in summary.items():
         typer.echo(f"{env} {model}: post-update return {m.get('returns/post_update', float('nan')):.2f}")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from scipy import stats
 from torch import nn
 
 from mamlbench.algorithms.core import split_state
-from mamlbench.rl.envs import sample_tasks
+from mamlbench.progress import Progress
+from mamlbench.rl.envs import Navigation2DEnv, sample_tasks
 from mamlbench.rl.maml_trpo import adapt, episode_advantages, MetaConfig
 from mamlbench.rl.params import RLEnvParams
 from mamlbench.rl.policy import stack_params
@@ -53,18 +53,21 @@ def adaptation_returns(policy: nn.Module, sampler: Sampler, tasks: list, p: RLEn
 
 def evaluate(env_name: str, policies: dict[str, nn.Module], p: RLEnvParams) -> tuple[dict, dict[str, list[Episodes]]]:
     """Metrics {policy: {step k: {mean, ci95, per_task}}} and the episodes (for trace plots)."""
-    tasks = sample_tasks(env_name, p.evaluate.n_tasks, (p.evaluate.seed, 0), p.horizon)
-    sampler = Sampler(env_name, p.horizon, p.vector, p.workers)
+    tasks = sample_tasks(env_name, p.evaluate.n_tasks, (p.evaluate.seed, 0), p.horizon, p.evaluate.balanced)
+    sampler = Sampler(env_name, p.horizon, p.vector, p.workers, p.env_options())
     results, episodes = {}, {}
+    bar = Progress(f"evaluate {env_name}", len(policies))  # a line per policy adapted
     try:
-        for name, policy in policies.items():
+        for i, (name, policy) in enumerate(policies.items()):
             returns, eps = adaptation_returns(policy, sampler, tasks, p, p.evaluate.seed)
+            bar.update(i + 1, status=f"{name} adapted")
             results[name] = {f"step_{k}": dict(zip(("mean", "ci95"), confidence_interval(r)),
                                                per_task=[float(x) for x in r])
                              for k, r in enumerate(returns)}
             episodes[name] = eps
     finally:
         sampler.close()
+        bar.close()
     return {"env": env_name, "tasks": tasks, "policies": results}, episodes
 
 
@@ -133,9 +136,9 @@ def plot_navigation_trace(results: dict, episodes: dict[str, list[Episodes]], pa
         eps = episodes[policy][step]
         for j in range(min(n, eps.obs.shape[1])):
             length = int(eps.mask[task, j].sum())
-            # obs[t] is the position before action t; the last position is obs[t] + clipped action.
-            xy = torch.cat([eps.obs[task, j, :length], (eps.obs[task, j, length - 1]
-                            + eps.actions[task, j, length - 1].clamp(-0.1, 0.1)).unsqueeze(0)]).numpy()
+            # obs[t] is the position before action t; the last position is obs[t] + its displacement.
+            last = eps.obs[task, j, length - 1].numpy() + Navigation2DEnv.move(eps.actions[task, j, length - 1].numpy())
+            xy = np.concatenate([eps.obs[task, j, :length].numpy(), last[None]])
             ax.plot(xy[:, 0], xy[:, 1], color=colour, alpha=0.7, lw=1, label=label if j == 0 else None)
     ax.scatter([0], [0], marker="s", color="k", label="start", zorder=3)
     ax.scatter([goal["goal_x"]], [goal["goal_y"]], marker="*", s=200, color="gold", edgecolor="k",

@@ -7,7 +7,7 @@ One meta-iteration (`meta_step`), in the paper's order (Finn et al. 2017, algori
   3. roll out every pi_theta'_i ("valid" episodes, D'_i), all tasks in one vector env;
   4. TRPO on theta: surrogate sum_i E_{D'_i}[pi_theta'_i / pi_old'_i * A] and KL(pi_old'_i || pi_theta'_i),
      both functions of theta *through* the inner update; conjugate gradient with Fisher-vector
-     products, step scaled to KL = max_kl, backtracking line search that re-adapts at every trial.
+     products, step scaled to a quadratic KL of max_kl, backtracking line search that re-adapts at every trial.
 
 `inner_steps = 0` skips 2-3: plain TRPO on the mixture of tasks, i.e. the paper's "pretrained" baseline.
 
@@ -27,7 +27,7 @@ from mamlbench.algorithms.core import Params, forward, inner_loop, split_state
 from mamlbench.rl.baseline import advantages
 from mamlbench.rl.policy import kl as gaussian_kl, log_prob, stack_params
 from mamlbench.rl.sampler import Episodes, Sampler
-from mamlbench.rl.trpo import conjugate_gradient, fisher_vector_product, flat, line_search, unflat
+from mamlbench.rl.trpo import fisher_vector_product, flat, line_search, natural_step, unflat
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class MetaConfig:
     cg_iters: int = 10
     cg_damping: float = 1e-5
     ls_max_steps: int = 15
-    ls_backtrack_ratio: float = 0.5
+    ls_backtrack_ratio: float = 0.8
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -132,9 +132,7 @@ def trpo_update(policy: nn.Module, train: list[Episodes], train_adv: list[Tensor
     loss, kl, old = surrogate(policy, params, buffers, train, train_adv, valid, valid_adv, cfg, None, cfg.first_order)
     g = flat(torch.autograd.grad(loss, list(params.values()), retain_graph=True))
     Fv = fisher_vector_product(kl, params, cfg.cg_damping)
-    step_dir = conjugate_gradient(Fv, -g, cfg.cg_iters)                 # ~ -F^-1 g
-    shs = 0.5 * step_dir @ Fv(step_dir)
-    full_step = step_dir * torch.sqrt(2 * cfg.max_kl / shs.clamp_min(1e-12))   # 0.5 s'Fs = max_kl
+    full_step = natural_step(g, Fv, cfg.max_kl, cfg.cg_iters)            # 0.5 s'Fs = max_kl
     old_flat = flat(p.detach() for p in params.values())
     old_loss = float(loss.detach())
 

@@ -24,6 +24,9 @@ class RLEvalParams:
                                                      "number of steps (paper: 0.1, then 0.05).", gt=0)
     n_episodes: int = knob(40, "Episodes per task and inner step (paper: 40).", ge=1)
     trace_episodes: int = knob(5, "Episodes drawn per policy in the 2D-navigation trace plot.", ge=1)
+    balanced: bool = knob(True, "Direction envs: exactly half the test tasks forward, half backward (n_tasks "
+                                "even); false: 50/50 at random, as the reference's 40 draws "
+                                "(test_maml_cheetah_direc.py:32-34).")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,14 @@ class RLEnvParams:
     cg_iters: int = knob(10, "Conjugate-gradient iterations.", ge=1)
     cg_damping: float = knob(1e-5, "Added to the Fisher-vector products: keeps CG well posed.", ge=0)
     ls_max_steps: int = knob(15, "Backtracking line search: trials before keeping the old policy.", ge=1)
-    ls_backtrack_ratio: float = knob(0.5, "Step shrink factor per trial.", gt=0, lt=1)
+    ls_backtrack_ratio: float = knob(0.8, "Step shrink factor per trial (rllab: 0.8).", gt=0, lt=1)
+    frame_skip: int = knob(1, "MuJoCo steps per env step: rllab's dt is HalfCheetah 1 x 0.01 s, Ant 2 x 0.01 s "
+                              "(its xml steps 0.02 s once); gymnasium v5: 5 (0.05 s).", ge=1)
+    reset: str = knob("rllab", "MuJoCo initial state: rllab (init_qpos + N(0, 0.01^2), qvel + N(0, 0.1^2)) or "
+                               "gymnasium (v5: qpos + U(+-0.1), Ant from qpos0).", choices=["rllab", "gymnasium"])
+    observation: str = knob("rllab", "MuJoCo observation: rllab (HalfCheetah 20 numbers with the torso's com; Ant "
+                                     "125 with contact forces, torso rotation and com) or gymnasium (v5: 17 / 27).",
+                            choices=["rllab", "gymnasium"])
     vector: str = knob("sync", "Vector env: sync (one process), async (a process per episode slot: only for "
                                "small batches of expensive envs) or sharded (`workers` processes, each stepping "
                                "a shard: MuJoCo on every core). The same episodes whichever.",
@@ -56,6 +66,10 @@ class RLEnvParams:
     checkpoint_every: int = knob(10, "Write a resumable checkpoint every this many meta-iterations.", ge=1)
     log_every: int = knob(1, "Log metrics every this many meta-iterations.", ge=1)
     evaluate: RLEvalParams = section(RLEvalParams)
+
+    def env_options(self) -> dict:
+        """The keyword arguments of `envs.make_env` (only the MuJoCo envs use them)."""
+        return {"frame_skip": self.frame_skip, "reset": self.reset, "observation": self.observation}
 
 
 def _env(**overrides) -> dataclasses.Field:
@@ -71,8 +85,9 @@ class RLParams:
     navigation: RLEnvParams = section(RLEnvParams)
     halfcheetah_dir: RLEnvParams = _env(horizon=200, meta_batch_size=40, iterations=30, pretrain_iterations=30)
     halfcheetah_vel: RLEnvParams = _env(horizon=200, meta_batch_size=40, iterations=30, pretrain_iterations=30)
-    ant_dir: RLEnvParams = _env(horizon=200, meta_batch_size=40, n_episodes=40, iterations=30, pretrain_iterations=30)
-    ant_vel: RLEnvParams = _env(horizon=200, meta_batch_size=40, iterations=30, pretrain_iterations=30)
+    ant_dir: RLEnvParams = _env(horizon=200, meta_batch_size=40, n_episodes=40, iterations=30, pretrain_iterations=30,
+                                frame_skip=2)
+    ant_vel: RLEnvParams = _env(horizon=200, meta_batch_size=40, iterations=30, pretrain_iterations=30, frame_skip=2)
 
     def env(self, name: str) -> RLEnvParams:
         if name not in ENV_NAMES:

@@ -15,6 +15,7 @@ import torch
 
 from mamlbench.config import Params, load_params
 from mamlbench.io import write_json, write_text
+from mamlbench.provenance import identity, record
 from mamlbench.rl.params import RLEnvParams
 from mamlbench.tracking import start_run
 
@@ -41,9 +42,9 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
     Each is its own MLflow run (`<env>__<model>__seed<seed>`), reopened when resuming. Writes the
     last iteration's metrics of both to `metrics_path`.
     """
-    from mamlbench.rl.train import checkpoint_extra, train
+    from mamlbench.rl.train import checkpoint_extra, provenance, train
     params, p = _setup(params_path, env, seed, profile)
-    summary, reached = {}, None
+    summary, reached, records = {}, None, {}
     for model in MODELS:
         run_dir = Path(out_dir) / model
         run_id = checkpoint_extra(env, p, params.seed, run_dir, model == "pretrained").get("mlflow_run_id")
@@ -57,10 +58,12 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
                   progress=None if progress is None else (lambda d, t, model=model: progress(f"{env} {model}", d, t)),
                   extra={"mlflow_run_id": tracker.run_id})
             tracker.log_artifact(run_dir / "history.json")
+            records[model] = provenance(env, p, params.seed, run_dir, model == "pretrained", params.profile)
+            tracker.log_provenance(records[model])
         history = json.loads((run_dir / "history.json").read_text())
         summary[model] = {**(dict(history[-1]) if history else {}), "iterations": len(history)}
         reached = reached or len(history)
-    write_json(metrics_path, summary)
+    write_json(metrics_path, {**summary, "provenance": records})
     return summary
 
 
@@ -86,7 +89,10 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
         summary = {m: {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in steps.items()}
                    for m, steps in results["policies"].items()}
         write_json(Path(runs_dir) / "evaluate.json", results)
-        write_json(metrics_path, summary)
+        protocol = record(identity("mamlbench.rl.evaluate", {"env": env, "evaluate": dataclasses.asdict(p.evaluate)}),
+                          params.profile, "cpu")
+        write_json(metrics_path, {**summary, "provenance": protocol})
+        tracker.log_provenance(protocol)
         rows = io.StringIO()
         w = csv.writer(rows)
         w.writerow(["policy", "step", "return", "ci95"])

@@ -19,10 +19,17 @@ from torch import Tensor, nn
 from mamlbench.algorithms.core import Params, forward
 
 LOG_2PI = math.log(2 * math.pi)
+MIN_STD = 1e-6   # rllab's floor on the std (maml_minimal_gauss_mlp_policy.py:38, applied at :265-266)
 
 
 class GaussianMLPPolicy(nn.Module):
-    """pi(a|s) = N(mu(s), diag(exp(log_std))^2), mu an MLP of `hidden` ReLU layers (paper: 100, 100)."""
+    """pi(a|s) = N(mu(s), diag(max(exp(log_std), MIN_STD))^2), mu an MLP of `hidden` ReLU layers
+    (paper: 100, 100).
+
+    Initialised as rllab's: Xavier-uniform weights, zero biases (sandbox/rocky/tf/core/utils.py:38),
+    std 1 (maml_minimal_gauss_mlp_policy.py:34). PyTorch's default Linear init is narrower
+    (U(+-1/sqrt(fan_in))) and has non-zero biases.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: list[int] = (100, 100), init_std: float = 1.0):
         super().__init__()
@@ -31,12 +38,16 @@ class GaussianMLPPolicy(nn.Module):
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         layers.append(nn.Linear(width, act_dim))
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.mu = nn.Sequential(*layers)
         self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         mean = self.mu(obs)                                   # (..., act_dim)
-        return mean, self.log_std.expand_as(mean)
+        return mean, self.log_std.clamp_min(math.log(MIN_STD)).expand_as(mean)
 
 
 def log_prob(mean: Tensor, log_std: Tensor, action: Tensor) -> Tensor:

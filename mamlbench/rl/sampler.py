@@ -33,7 +33,7 @@ from mamlbench.rl.policy import batched_forward
 class Episodes:
     """A batch of padded episodes: (tasks, episodes, horizon, ...) tensors."""
     obs: Tensor          # (T, N, H, obs_dim)
-    actions: Tensor      # (T, N, H, act_dim), as sampled (the env clips what it applies)
+    actions: Tensor      # (T, N, H, act_dim), as sampled (the env clips to [-1, 1] and scales what it applies)
     rewards: Tensor      # (T, N, H)
     mask: Tensor         # (T, N, H), 1 where the step happened
     tasks: list[Task]
@@ -132,14 +132,17 @@ class Sampler:
             cores); "async" runs each in its own process (`gymnasium.vector.AsyncVectorEnv`);
             "sharded" splits them over `workers` processes (`ShardedVectorEnv`: MuJoCo on all cores).
         workers: processes of the sharded vector env.
+        env_options: keyword arguments of `make_env` (`RLEnvParams.env_options()`); None: its defaults.
     """
 
-    def __init__(self, env_name: str, horizon: int, vector: str = "sync", workers: int = 2):
+    def __init__(self, env_name: str, horizon: int, vector: str = "sync", workers: int = 2,
+                 env_options: dict | None = None):
         if vector not in ("sync", "async", "sharded"):
             raise ValueError(f"vector must be sync, async or sharded, got {vector!r}")
         self.env_name, self.horizon, self.vector, self.workers = env_name, horizon, vector, workers
+        self.env_options = dict(env_options or {})
         self._envs: gym.vector.VectorEnv | ShardedVectorEnv | None = None
-        probe = make_env(env_name, horizon)
+        probe = make_env(env_name, horizon, **self.env_options)
         self.obs_dim = probe.observation_space.shape[0]
         self.act_dim = probe.action_space.shape[0]
         probe.close()
@@ -148,7 +151,7 @@ class Sampler:
         """The vector env of `n` sub-environments, rebuilt only when `n` changes."""
         if self._envs is None or self._envs.num_envs != n:
             self.close()
-            fns = [partial(make_env, self.env_name, self.horizon)] * n
+            fns = [partial(make_env, self.env_name, self.horizon, **self.env_options)] * n
             if self.vector == "sharded":
                 self._envs = ShardedVectorEnv(fns, self.workers)
             else:

@@ -3,9 +3,9 @@
 Every meta-iteration draws its tasks and episodes from seeds derived from (seed, iteration) alone,
 and TRPO keeps no optimiser state, so a run resumed from a checkpoint (policy, iteration, metrics
 history) repeats an uninterrupted one exactly on the CPU. Checkpoints go through the few-shot
-loop's `Checkpointer`: checksummed, the newest two kept, and stamped with a fingerprint of the
-settings, so a run with other settings (`dvc exp run -S rl.navigation.inner_lr=...`) starts afresh
-instead of resuming a policy trained under the old ones.
+loop's `Checkpointer`: checksummed, the newest two kept, and stamped with the run's identity (code
+and settings), so a run with other settings (`dvc exp run -S rl.navigation.inner_lr=...`) or after
+a change to the training code starts afresh instead of resuming a policy trained under the old ones.
 
 Example:
     policy = train("navigation", params.rl.navigation, seed=0, out_dir="runs/rl/navigation/maml")
@@ -24,8 +24,9 @@ from mamlbench.io import load_torch, save_torch, write_json
 from mamlbench.rl.envs import sample_tasks
 from mamlbench.rl.maml_trpo import MetaConfig, is_finite, make_policy, meta_step
 from mamlbench.rl.params import RLEnvParams
+from mamlbench.provenance import identity, record
 from mamlbench.rl.sampler import Sampler
-from mamlbench.train import Checkpointer, fingerprint, trajectory_settings
+from mamlbench.train import Checkpointer, trajectory_settings
 
 LogFn = Callable[[int, dict[str, float]], None]
 TASKS, EPISODES = 0, 1   # seed streams: (seed, iteration, stream)
@@ -49,7 +50,7 @@ _NOT_IN_FINGERPRINT = ("iterations", "pretrain_iterations", "time_budget_minutes
 def checkpointer(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, pretrain: bool) -> Checkpointer:
     settings = trajectory_settings(dataclasses.asdict(p), _NOT_IN_FINGERPRINT)
     return Checkpointer(Path(out_dir) / "checkpoints",
-                        fingerprint({"env": env_name, "seed": seed, "pretrain": pretrain, "settings": settings}))
+                        identity(__name__, {"env": env_name, "seed": seed, "pretrain": pretrain, "settings": settings}))
 
 
 def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pretrain: bool = False,
@@ -68,7 +69,7 @@ def train(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, *, pret
     out_dir = Path(out_dir)
     total = iterations or (p.pretrain_iterations if pretrain else p.iterations)
     cfg = meta_config(p, 0 if pretrain else None)
-    sampler = Sampler(env_name, p.horizon, p.vector, p.workers)
+    sampler = Sampler(env_name, p.horizon, p.vector, p.workers, p.env_options())
     policy = make_policy(sampler.obs_dim, sampler.act_dim, p.hidden, seed)
     start, history, seconds = 0, [], 0.0
     ckpts = checkpointer(env_name, p, seed, out_dir, pretrain)
@@ -110,6 +111,14 @@ def checkpoint_extra(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Pa
     """The `extra` dict of the run's newest checkpoint of these settings ({} when there is none yet)."""
     state = checkpointer(env_name, p, seed, out_dir, pretrain).latest()
     return state.get("extra", {}) if state else {}
+
+
+def provenance(env_name: str, p: RLEnvParams, seed: int, out_dir: str | Path, pretrain: bool, profile: str) -> dict:
+    """The provenance of the run's newest checkpoint (`mamlbench.provenance.record`): train.json and MLflow."""
+    ckpts = checkpointer(env_name, p, seed, out_dir, pretrain)
+    state = ckpts.latest() or {}
+    return record(ckpts.identity, profile, "cpu", seconds=state.get("seconds"), iterations=state.get("iteration"),
+                  stopped="time_budget" if state.get("out_of_time") else "iterations")
 
 
 def load_policy(path: str | Path) -> nn.Module:

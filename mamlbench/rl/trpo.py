@@ -63,9 +63,23 @@ def fisher_vector_product(kl: Tensor, params: Params, damping: float) -> Callabl
     return product
 
 
+def natural_step(g: Tensor, Fv: Callable[[Tensor], Tensor], max_kl: float, cg_iters: int = 10) -> Tensor:
+    """The full TRPO step -beta F^-1 g, beta such that the KL's quadratic model 0.5 s'Fs is max_kl.
+
+    As rllab's conjugate_gradient_optimizer.py:268-272 (sqrt(2 max_kl / s'Fs)) and
+    pytorch-maml-rl's maml_trpo.py:147-151 (shs = 0.5 s'Fs, step = s / sqrt(shs / max_kl)).
+    """
+    step_dir = conjugate_gradient(Fv, -g, cg_iters)                 # ~ -F^-1 g
+    sFs = step_dir @ Fv(step_dir)
+    return step_dir * torch.sqrt(2 * max_kl / sFs.clamp_min(1e-12))
+
+
 def line_search(evaluate: Callable[[Tensor], tuple[float, float]], full_step: Tensor, max_kl: float,
-                max_steps: int = 15, backtrack_ratio: float = 0.5) -> tuple[Tensor | None, float, float, int]:
+                max_steps: int = 15, backtrack_ratio: float = 0.8) -> tuple[Tensor | None, float, float, int]:
     """Backtrack from `full_step` until the surrogate loss improves and the KL is within `max_kl`.
+
+    Trial i is `full_step * backtrack_ratio ** i`, i < max_steps (rllab: 0.8 and 15,
+    conjugate_gradient_optimizer.py:130-131, 280-290).
 
     `evaluate(step)` returns (loss improvement = new loss - old loss, mean KL) at params + step.
     Returns (accepted step or None, improvement, kl, backtracks); None means keep the old params.
