@@ -122,7 +122,9 @@ def tune(benchmark: str = typer.Argument("omniglot", help="omniglot or mini_imag
          prepared: Optional[Path] = PreparedOpt, episodes: Optional[Path] = EpisodesOpt,
          ) -> None:
     """Optuna study over the inner loop, maximising accuracy on the fixed validation episodes."""
+    from mamlbench.guards import check_storage_url
     from mamlbench.tune import tune as run_tune
+    check_storage_url(storage)
     prepared, episodes = _data_dirs(benchmark, prepared, episodes)
     summary = run_tune(params, benchmark, algorithm, setting, prepared=prepared, episodes_dir=episodes, out=out,
                        profile=profile, seed=seed, worker=worker,
@@ -140,11 +142,12 @@ def tune(benchmark: str = typer.Argument("omniglot", help="omniglot or mini_imag
 def report(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
            runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Run folders (runs/<benchmark>/...)."),
            out: Path = typer.Option(Path("reports"), help="README.md and figures/ go here."),
+           force: bool = typer.Option(False, help="Replace a report that has more results than the new one."),
            ) -> None:
     """Tables (mean ± 95% CI, the paper's number, paired comparisons) and figures from the metrics files."""
     from mamlbench.config import load_params
     from mamlbench.report import build_report
-    written = build_report(load_params(params, profile), runs_dir, out)
+    written = build_report(load_params(params, profile), runs_dir, out, force=force)
     typer.echo(f"wrote {len(written)} files to {out}")
 
 
@@ -170,7 +173,9 @@ def check_params(params: Path = typer.Argument(Path("params.yaml"))) -> None:
 
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    from mamlbench.guards import SIGNAL_EXIT, Interrupted, install_signal_handlers
     from mamlbench.train import TrainingDiverged
+    install_signal_handlers()
     try:
         app()
     except (ConfigError, ValueError, FileNotFoundError) as err:
@@ -179,6 +184,10 @@ def main() -> None:
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         sys.exit(3)
+    except Interrupted as err:
+        where = err.detail or "stopped before training began"
+        print(f"error: interrupted by {err}: {where} (rerun the same command to resume)", file=sys.stderr)
+        sys.exit(SIGNAL_EXIT[err.signum])
 
 
 if __name__ == "__main__":

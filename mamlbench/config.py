@@ -499,13 +499,17 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None, se
                 overrides: dict[str, Any] | None = None) -> Params:
     """Read, apply the profile (`profile` overrides the file's), then `seed` and dotted `overrides`
     (e.g. a tuning trial's), validate; `ConfigError` on bad input."""
+    from mamlbench import guards
     raw = read_raw(path)
     if profile is not None:
         raw["profile"] = profile
-    raw = apply_profile(raw)
+    guards.check_params_file(raw, path)
+    written, raw = raw, apply_profile(raw)
     if seed is not None:
         raw["seed"] = seed
-    return build(Params, apply_overrides(raw, overrides or {}))
+    params = build(Params, apply_overrides(raw, overrides or {}))
+    guards.as_written(lambda sections: build(Params, sections), written, path, written["profile"])
+    return params
 
 
 def with_seed(params: Params, seed: int | None) -> Params:

@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import distributed, ensemble, rng
+from mamlbench import distributed, ensemble, guards, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
 from mamlbench.data.prepared import content_hash, load_split, read_meta
 from mamlbench.data.sampler import EpisodeSampler
-from mamlbench.io import load_torch, save_torch, write_json, write_text
+from mamlbench.io import save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
 from mamlbench.progress import Progress
 from mamlbench.provenance import digest, file_digest, identity, record
 from mamlbench.schema import to_dict
 from mamlbench.stats import mean_ci95
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, meta_update, resolve_device, run_loop,
-                             trajectory_settings, write_curve)
+                             train_provenance, trajectory_settings, write_curve)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -233,7 +233,9 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     if not source.is_file():
         raise ValueError(f"{source}: no trained model; run `mamlbench train {benchmark} --algorithm {algorithm} "
                          f"--setting {setting}` first")
-    state = load_torch(source)
+    state = guards.load_model_file(source, f"retrain with `mamlbench train {benchmark}`, or restore the file")
+    guards.check_model_identity(state, source, benchmark=benchmark, algorithm=algorithm, setting=setting,
+                                seed=params.seed)
     learner = build_learner(params, benchmark, algorithm, setting, resolved, split.images.shape[2],
                             split.images.shape[3])
     learner.load_state_dict(state["learner"])
@@ -251,6 +253,7 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
                         data_hash(prepared, episodes_dir, ev.split, cell))
     metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
                "checkpoint": source.name, "checkpoint_iteration": state["iteration"], "per_step": per_step,
+               "episodes": guards.episode_set_id(episodes, acc.shape[0]),
                "ensemble_iterations": learner.iterations if ev.ensemble > 1 else None,
                "provenance": record(protocol, params.profile, device, model=source.name)}
     write_json(out_dir / "metrics.json", metrics)

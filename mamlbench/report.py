@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mamlbench.config import Params, fewshot_train
+from mamlbench.guards import read_json
 from mamlbench.io import atomic_path, write_text
 from mamlbench.stats import mean_ci95
 
@@ -78,6 +80,17 @@ def final_step(per_episode: pd.DataFrame) -> pd.Series:
 
 def paired_files(a: str | Path, b: str | Path) -> dict:
     """`paired` on two evaluation folders' per_episode.csv (final inner step)."""
+    ids = {}
+    for folder in (a, b):
+        metrics = Path(folder) / "metrics.json"
+        if not metrics.is_file():
+            raise ValueError(f"{folder}: no metrics.json (pass an evaluation folder, e.g. runs/omniglot/<cell>/eval)")
+        ids[folder] = read_json(metrics).get("episodes")
+        if ids[folder] is None:
+            raise ValueError(f"{metrics}: does not record its episode set (re-run `mamlbench evaluate` to pair it)")
+    if ids[a] != ids[b]:
+        raise ValueError(f"{a} and {b} were evaluated on different episode sets ({ids[a]} vs {ids[b]}): a paired "
+                         f"CI needs the same episodes (evaluate both on one setting and episode file)")
     fa, fb = (final_step(pd.read_csv(Path(x) / "per_episode.csv")) for x in (a, b))
     if not fa.index.equals(fb.index):
         raise ValueError(f"{a} and {b} were not evaluated on the same episodes")
@@ -193,7 +206,7 @@ def fewshot_cells(params: Params, benchmark: str, runs: Path) -> pd.DataFrame:
                 metrics = folder / "eval" / "metrics.json"
                 if not metrics.is_file():
                     continue
-                m = json.loads(metrics.read_text())
+                m = read_json(metrics)
                 trained = read_provenance(folder / "train.json")
                 rows.append({"algorithm": algorithm, "setting": setting, "seed": seed, "acc": m["acc"],
                              "ci95": m["ci95"], "n_episodes": m["n_episodes"], "folder": folder,
@@ -386,7 +399,7 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
     found = False
     for env in params.rl.envs:
         files = [(s, runs_dir / "rl" / env / f"seed{s}" / "metrics.json") for s in params.seeds]
-        runs = [(s, json.loads(p.read_text())) for s, p in files if p.is_file()]
+        runs = [(s, read_json(p)) for s, p in files if p.is_file()]
         if not runs:
             continue
         evaluated = [r.pop("provenance", None) or {} for _, r in runs]
@@ -428,13 +441,62 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the report
-def build_report(params: Params, runs: str | Path, out: str | Path) -> list[Path]:
-    """Write out/README.md and out/figures/*.png from the metrics files under `runs`; return what was written."""
+NOT_RUN = "Not run with these params"
+
+
+def check_runs_folder(runs: Path) -> None:
+    """A mistyped --runs must not become a report of nothing."""
+    if not runs.is_dir():
+        raise ValueError(f"--runs {runs}: no such folder (train and evaluate first, or pass the runs folder)")
+    if not any(runs.iterdir()):
+        raise ValueError(f"--runs {runs}: empty folder, no metrics to report (train and evaluate first)")
+
+
+def results_in(text: str, figures: int) -> tuple[int, int]:
+    """(sections with results, figures) of a report: how rich it is."""
+    sections = sum(1 for line in text.splitlines() if line.startswith("## "))
+    return sections - text.count(NOT_RUN), figures
+
+
+def _keep_richer(out: Path, text: str, new_figures: int) -> None:
+    """Refuse to replace a report that has more results than the new one, unless `force`."""
+    readme, figures = out / "README.md", out / "figures"
+    if not readme.is_file():
+        return
+    old = results_in(readme.read_text(), len(list(figures.glob("*.png"))) if figures.is_dir() else 0)
+    new = results_in(text, new_figures)
+    if new[0] < old[0] or new[1] < old[1]:
+        raise ValueError(f"{readme}: the new report has results for {new[0]} sections and {new[1]} figures, the "
+                         f"existing one {old[0]} and {old[1]} (check --runs and --params; --force replaces it)")
+
+
+def build_report(params: Params, runs: str | Path, out: str | Path, force: bool = False) -> list[Path]:
+    """Write out/README.md and out/figures/*.png from the metrics files under `runs`; return what was written.
+
+    The figures are drawn in a temporary folder and swapped in only when the report is written: a report
+    with fewer results than the one in place (a mistyped --runs) is refused unless `force`."""
     runs, out = Path(runs), Path(out)
-    figures = out / "figures"
-    if figures.exists():   # only this run's figures: a dropped cell leaves no stale image behind
+    check_runs_folder(runs)
+    final_figures = out / "figures"
+    figures = out / f".figures.{os.getpid()}.tmp"
+    if figures.exists():
         shutil.rmtree(figures)
     figures.mkdir(parents=True)
+    try:
+        text = _report_text(params, runs, figures)
+        if not force:
+            _keep_richer(out, text, len(list(figures.glob("*.png"))))
+        if final_figures.exists():   # only this run's figures: a dropped cell leaves no stale image behind
+            shutil.rmtree(final_figures)
+        figures.rename(final_figures)
+    finally:
+        if figures.exists():
+            shutil.rmtree(figures)
+    write_text(out / "README.md", text)
+    return [out / "README.md", *sorted(final_figures.iterdir())]
+
+
+def _report_text(params: Params, runs: Path, figures: Path) -> str:
     lines = ["# mamlbench report", "",
              f"Generated by `mamlbench report` (the DVC `report` stage) from the metrics files; profile "
              f"`{params.profile}`, seeds {params.seeds}. Accuracies in %; `±` is a 95% confidence interval. "
@@ -446,5 +508,4 @@ def build_report(params: Params, runs: str | Path, out: str | Path) -> list[Path
     lines += fewshot_section(params, "omniglot", runs, figures)
     lines += fewshot_section(params, "mini_imagenet", runs, figures)
     lines += rl_section(params, runs, figures)
-    write_text(out / "README.md", "\n".join(lines).rstrip() + "\n")
-    return [out / "README.md", *sorted(figures.iterdir())]
+    return "\n".join(lines).rstrip() + "\n"

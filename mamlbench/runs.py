@@ -10,7 +10,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from mamlbench import distributed, fewshot, sinusoid
+from mamlbench import distributed, fewshot, guards, sinusoid
 from mamlbench.config import Params, fewshot_cell, fewshot_train, load_params, with_seed
 from mamlbench.schema import to_dict
 from mamlbench.tracking import Tracker, start_run
@@ -37,6 +37,11 @@ def _log_provenance(tracker: Tracker, result: Path) -> None:
         tracker.log_provenance(json.loads(result.read_text()).get("provenance", {}))
 
 
+def _locked(run_dir: str | Path):
+    """Rank 0 holds the run folder's lock for the whole training (see `guards.run_lock`)."""
+    return guards.run_lock(run_dir) if distributed.is_main() else contextlib.nullcontext()
+
+
 def _tracked(params: Params, benchmark: str, run_name: str, **kwargs):
     """`start_run` on rank 0; the other ranks get a tracker that logs nothing."""
     if not distributed.is_main():
@@ -52,12 +57,14 @@ def train_sinusoid(params_path: str | Path | Params, kind: str, run_dir: str | P
     if kind not in sinusoid.MODELS:
         raise ValueError(f"--model {kind!r}: must be one of {', '.join(sinusoid.MODELS)}")
     section = params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain
+    guards.check_writable_dir(run_dir, "--run-dir")  # before any work, not after training
     with distributed.session(resolve_device(section.device)):
         if kind == "maml":  # refuse a meta-batch that does not split over the processes before any work
             distributed.check_divisible(section.meta_batch_size, "sinusoid.train.meta_batch_size")
         else:
             distributed.check_divisible(section.batch_tasks, "sinusoid.pretrain.batch_tasks")
-        return _train_sinusoid(params, kind, section, run_dir, progress)
+        with _locked(run_dir):
+            return _train_sinusoid(params, kind, section, run_dir, progress)
 
 
 def _train_sinusoid(params: Params, kind: str, section, run_dir: str | Path, progress: bool) -> dict:
@@ -65,7 +72,8 @@ def _train_sinusoid(params: Params, kind: str, section, run_dir: str | Path, pro
     state = _resume_state(checkpoints)
     run_id = state["extra"].get("mlflow_run_id") if state else None
     logged = {"seed": params.seed, "profile": params.profile, "hidden": params.sinusoid.hidden, kind: to_dict(section)}
-    tags = {"stage": "sinusoid-train", "variant": kind, "device": str(resolve_device(section.device))}
+    tags = {"stage": "sinusoid-train", "variant": kind, "device": str(resolve_device(section.device)),
+            "run_dir": Path(run_dir).resolve()}
     if state:
         tags["resumed_from"] = state["iteration"]
     with _tracked(params, "sinusoid", f"{kind}-seed{params.seed}", run_id=run_id, tags=tags, log_params=logged) as tracker:
@@ -84,6 +92,7 @@ def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Pa
     for name, path in paths.items():
         if not path.is_file():
             raise ValueError(f"{path}: no trained {name} model; run `mamlbench train sinusoid --model {name}` first")
+    guards.check_writable_dir(out_dir, "--out")
     logged = {"seed": params.seed, "profile": params.profile, "evaluate": to_dict(params.sinusoid.evaluate)}
     with start_run(params, "sinusoid", f"evaluate-seed{params.seed}", tags={"stage": "sinusoid-evaluate"},
                    log_params=logged) as tracker:
@@ -97,6 +106,21 @@ def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Pa
     return metrics
 
 
+def _check_data(params: Params, benchmark: str, setting: str, prepared: str | Path, episodes_dir: str | Path,
+                split: str) -> None:
+    """The prepared data and the episodes record the seeds that made them: refuse others than params'."""
+    from mamlbench.data.episodes import episode_path
+    from mamlbench.data.prepared import read_meta
+    from mamlbench.io import load_torch
+    meta = read_meta(prepared)
+    if benchmark == "omniglot":
+        guards.check_prepared_provenance(meta, params.data.omniglot.split_seed, prepared)
+    cell = getattr(params, benchmark).settings[setting]
+    path = episode_path(episodes_dir, meta.get("scheme", "maml"), split, cell.n_way, cell.k_shot, cell.n_query)
+    if path.is_file():
+        guards.check_episodes_seed(load_torch(path), params.data.episodes.seed, path)
+
+
 def cell_name(algorithm: str, setting: str, seed: int) -> str:
     """MLflow run names: <variant>-<way>w<shot>s-seed<k>."""
     return f"{algorithm}-{setting}-seed{seed}"
@@ -107,9 +131,12 @@ def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: s
     params = _load(params_path, seed)
     fewshot.check_cell(params, benchmark, algorithm, setting)
     cfg = fewshot_train(params, benchmark, algorithm, setting)
+    _check_data(params, benchmark, setting, prepared, episodes_dir, "val")
+    guards.check_writable_dir(run_dir, "--run-dir")
     with distributed.session(resolve_device(cfg.device)):
         distributed.check_divisible(cfg.meta_batch_size, f"{benchmark}.train.meta_batch_size")  # before any work
-        return _train_fewshot(params, benchmark, algorithm, setting, cfg, run_dir, prepared, episodes_dir, progress)
+        with _locked(run_dir):
+            return _train_fewshot(params, benchmark, algorithm, setting, cfg, run_dir, prepared, episodes_dir, progress)
 
 
 def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str, cfg, run_dir: str | Path,
@@ -124,7 +151,7 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
               "network": {"norm": resolved.norm, "norm_eps": resolved.norm_eps, "init": resolved.init},
               "train": to_dict(cfg), "options": to_dict(resolved.options)}
     tags = {"stage": f"{benchmark}-train", "variant": algorithm, "setting": setting,
-            "device": str(resolve_device(cfg.device))}
+            "device": str(resolve_device(cfg.device)), "run_dir": Path(run_dir).resolve()}
     if state:
         tags["resumed_from"] = state["iteration"]
     with _tracked(params, benchmark, cell_name(algorithm, setting, params.seed), run_id=run_id, tags=tags,
@@ -143,6 +170,8 @@ def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm
                      seed: int | None = None) -> dict:
     params = _load(params_path, seed)
     fewshot.check_cell(params, benchmark, algorithm, setting)
+    _check_data(params, benchmark, setting, prepared, episodes_dir, getattr(params, benchmark).evaluate.split)
+    guards.check_writable_dir(out_dir, "--out")
     logged = {"seed": params.seed, "profile": params.profile, "algorithm": algorithm, "setting": setting,
               "evaluate": to_dict(fewshot_cell(params, benchmark, algorithm, setting).evaluate)}
     with start_run(params, benchmark, "evaluate-" + cell_name(algorithm, setting, params.seed),

@@ -9,12 +9,14 @@ reason in the `failure_reason` tag; a resumed training run reopens its own MLflo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from mamlbench import guards
 from mamlbench.config import Params
 from mamlbench.schema import flatten
 
@@ -45,14 +47,32 @@ class Tracker:
     def __init__(self, client=None, run_id: str | None = None):
         self.client, self.run_id = client, run_id
 
+    fallback: Path | None = None   # where metrics go once the store stops answering
+
+    def _lost(self, err: Exception, what: dict) -> None:
+        """The store failed (after MLflow's bounded retries): warn once, keep training, log locally."""
+        if self.fallback is None:
+            self.fallback = Path("mlruns-offline") / f"{self.run_id}.jsonl"
+            guards.warn(f"tracking store stopped answering ({type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0][:160]}); training goes on, metrics of MLflow run "
+                        f"{self.run_id} go to {self.fallback}")
+        self.fallback.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.fallback, "a") as f:
+            f.write(json.dumps({"time": time.time(), **what}, default=str) + "\n")
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.client is None:
             return
+        if self.fallback is not None:
+            return self._lost(RuntimeError("earlier failure"), {"metrics": metrics, "step": step})
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        try:
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        except Exception as err:
+            self._lost(err, {"metrics": metrics, "step": step})
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.client is None:
@@ -63,8 +83,11 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        if self.client is not None and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+        if self.client is not None and self.fallback is None and Path(path).exists():
+            try:
+                self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+            except Exception as err:
+                self._lost(err, {"artifact": str(path)})
 
     def log_provenance(self, provenance: dict[str, Any]) -> None:
         """What produced the run's result (`mamlbench.provenance.record`) as `provenance.<key>` tags."""
@@ -112,6 +135,8 @@ def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | No
         yield Tracker()
         return
     root = Path(root)
+    guards.check_tracking_uri(tracking_uri(params, root))
+    guards.bound_tracking_retries()
     client, experiment_id = experiment(params, benchmark, root)
     if run_id is not None:
         try:
@@ -123,6 +148,8 @@ def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | No
     if fresh:
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     tracker = Tracker(client, run_id)
+    if tags and tags.get("run_dir"):
+        close_stale_runs(client, experiment_id, str(tags["run_dir"]), run_id)
     try:
         if fresh:
             tracker.log_params(flatten(log_params if log_params is not None else params))
@@ -135,13 +162,35 @@ def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | No
             base["mlflow.parentRunId"] = parent_run_id
         tracker.set_tags({**base, **(tags or {})})
         yield tracker
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, status="KILLED")
+    except (KeyboardInterrupt, guards.Interrupted):
+        _terminate(tracker, "KILLED")
         raise
     except BaseException as err:
         with contextlib.suppress(Exception):
             tracker.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
-        client.set_terminated(run_id, status="FAILED")
+        _terminate(tracker, "FAILED")
         raise
     else:
-        client.set_terminated(run_id, status="FINISHED")
+        _terminate(tracker, "FINISHED")
+
+
+def _terminate(tracker: Tracker, status: str) -> None:
+    """End the run; a store that has gone away gets a warning and the status in the local fallback."""
+    if tracker.fallback is None:
+        try:
+            tracker.client.set_terminated(tracker.run_id, status=status)
+            return
+        except Exception as err:
+            tracker._lost(err, {"status": status})
+            return
+    tracker._lost(RuntimeError("earlier failure"), {"status": status})
+
+
+def close_stale_runs(client, experiment_id: str, run_dir: str, keep: str) -> None:
+    """A run of this run folder still RUNNING was killed (kill -9, power loss): the caller holds the
+    folder's lock, so nothing else can be writing it. Mark it KILLED."""
+    escaped = run_dir.replace("'", "\\'")
+    for run in client.search_runs([experiment_id], f"tags.run_dir = '{escaped}' and attributes.status = 'RUNNING'"):
+        if run.info.run_id != keep:
+            client.set_tag(run.info.run_id, "killed_reason", "found RUNNING by a later run of the same folder")
+            client.set_terminated(run.info.run_id, status="KILLED")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mamlbench import distributed
+from mamlbench.guards import Interrupted
 from mamlbench.io import fault_point, load_torch, remove_stale_temps, save_torch, write_text
 from mamlbench.progress import Progress
 from mamlbench.provenance import RunIdentity, record
@@ -117,6 +118,20 @@ class Checkpointer:
         return path
 
 
+def exploded(metrics: dict[str, float], limit: float) -> list[str]:
+    """Losses past `limit`: finite, but the run has diverged as surely as with an inf (a loss of 3.5e9 at
+    chance accuracy); stopping keeps the checkpoints from before it."""
+    return [k for k, v in metrics.items() if "loss" in k and abs(v) > limit]
+
+
+def kept_checkpoint(checkpointer: Checkpointer) -> str:
+    """What a stopped run leaves to resume from, for its message."""
+    paths = checkpointer.paths()
+    if not paths:
+        return "; no checkpoint was written yet (a rerun starts from iteration 0)"
+    return f"; the last good checkpoint is kept ({paths[-1]})"
+
+
 def _finite_state(module: nn.Module) -> str | None:
     """The name of the first parameter or buffer holding NaN or inf; None when all are finite."""
     for name, value in module.state_dict().items():
@@ -155,6 +170,8 @@ class LoopConfig:
     setting: str = ""                     # named in a divergence message, e.g. "inner_lr=0.01, meta_lr=0.001"
     force_log: tuple[str, ...] = ()       # metrics (e.g. validation) that are logged whenever present
     time_budget_minutes: float | None = None  # stop after the iteration that passes this much wall time
+    loss_limit: float = 1e6               # a loss past this has exploded (chance-level query losses, summed over a
+                                          # query set as the original code does, stay in the hundreds)
 
 
 @dataclass
@@ -224,7 +241,7 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
         if bad is not None:  # finite metrics, but the update that followed them was not: keep the last good file
             raise TrainingDiverged(
                 f"{config.describe}: parameter {bad} is not finite after iteration {iteration - 1}"
-                + (f" ({config.setting})" if config.setting else "") + "; the last good checkpoint is kept")
+                + (f" ({config.setting})" if config.setting else "") + kept_checkpoint(checkpointer))
         if main:
             checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
                                "optimizer": optimizer.state_dict(), "history": history, "extra": extra,
@@ -235,7 +252,11 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
     stopped = "time_budget" if total < config.iterations else "iterations"
     with Progress(config.describe, config.iterations, start=start, enabled=progress and main) as bar:
         for iteration in range(start, total):
-            metrics = step(iteration)
+            try:
+                metrics = step(iteration)
+            except Interrupted as err:
+                err.detail = f"{config.describe} stopped at iteration {iteration}{kept_checkpoint(checkpointer)}"
+                raise
             done = iteration + 1
             seconds = before + time.perf_counter() - began
             # under torchrun every rank stops after the same iteration: the first clock past the budget decides
@@ -243,12 +264,13 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
                            and distributed.mean_metrics({"over": float(seconds >= budget_s)})["over"] > 0)
             if out_of_time and on_budget_stop is not None:
                 metrics = {**metrics, **on_budget_stop(done)}
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)] or exploded(metrics, config.loss_limit)
             if bad:
                 raise TrainingDiverged(
-                    f"{config.describe}: {bad[0]} = {metrics[bad[0]]} at iteration {iteration}"
+                    f"{config.describe}: {bad[0]} = {metrics[bad[0]]:.4g} at iteration {iteration}"
                     + (f" ({config.setting})" if config.setting else "")
-                    + "; the last good checkpoint is kept")
+                    + (f", past the sane bound {config.loss_limit:g}" if math.isfinite(metrics[bad[0]]) else "")
+                    + kept_checkpoint(checkpointer))
             forced = any(k in metrics for k in config.force_log)
             if done % config.log_every == 0 or done == total or forced or out_of_time:
                 history.append({"iteration": done, **{k: float(v) for k, v in metrics.items()}})

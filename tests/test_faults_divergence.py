@@ -14,7 +14,7 @@ from mamlbench import runs, sinusoid
 from mamlbench.config import load_params
 from mamlbench.train import Checkpointer, LoopConfig, TrainingDiverged, run_loop
 
-MESSAGE = r"(at|after) iteration (\d+) \(inner_lr=3\.0, meta_lr=3\.0, inner_steps=1\)"
+MESSAGE = r"(at|after) iteration (\d+) \(inner_lr=0\.01, meta_lr=3\.0, inner_steps=1\)"
 
 
 def test_divergence_fails_the_run_keeps_the_last_good_checkpoint_and_a_rerun_stops_again(tmp_path):
@@ -23,7 +23,7 @@ def test_divergence_fails_the_run_keeps_the_last_good_checkpoint_and_a_rerun_sto
     params = write_params(tmp_path / "params.yaml", {
         "profile": "t", "profiles": {"t": {}}, "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "sinusoid": {"train": {"iterations": 30, "checkpoint_every": 1, "log_every": 1, "meta_batch_size": 5,
-                               "inner_lr": 3.0, "meta_lr": 3.0}}})
+                               "inner_lr": 0.01, "meta_lr": 3.0}}})
     run = tmp_path / "run"
     out = cli("train", "sinusoid", "-p", str(params), "--run-dir", str(run), "--no-progress", cwd=tmp_path,
               check=False)

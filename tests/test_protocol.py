@@ -7,7 +7,6 @@ test. docs/protocols.md lists the same points with both values where a knob depa
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

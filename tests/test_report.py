@@ -21,7 +21,8 @@ def _fewshot_cell(folder: Path, acc: np.ndarray, steps: int = 2) -> None:
     (folder / "eval" / "per_episode.csv").write_text("\n".join(rows) + "\n")
     ci = 1.96 * acc.std(ddof=1) / np.sqrt(acc.size)
     (folder / "eval" / "metrics.json").write_text(json.dumps({"acc": float(acc.mean()), "ci95": float(ci),
-                                                               "n_episodes": int(acc.size)}))
+                                                               "n_episodes": int(acc.size),
+                                                               "episodes": f"test-{acc.size}"}))
     (folder / "eval" / "steps.csv").write_text("inner_steps,acc,ci95\n" + "".join(
         f"{s},{acc.mean() * (s + 1) / (steps + 1):.6g},{ci:.6g}\n" for s in range(steps + 1)))
     (folder / "curve.csv").write_text("iteration,meta_train/query_loss,meta_train/query_acc,meta_val/query_acc\n"
@@ -97,6 +98,7 @@ def test_paired_files_refuses_different_episodes(synthetic):
     short = root / "short"
     short.mkdir()
     (short / "per_episode.csv").write_text("episode,inner_steps,acc\n0,0,1\n")
+    (short / "metrics.json").write_text(json.dumps({"episodes": "test-1"}))
     assert paired_files(a, a)["diff"] == 0
     with pytest.raises(ValueError, match="same episodes"):
         paired_files(a, short)

@@ -30,6 +30,8 @@ def download(dataset: str, out: Path, params: Path = PARAMS):
 def prepare(dataset: str, raw: Path, out: Path, params: Path = PARAMS):
     """Decode RAW into OUT/images.npy (uint8) and OUT/meta.json; print classes per split."""
     from mamlbench.data.pipeline import run_prepare
+    from mamlbench.guards import check_writable_dir
+    check_writable_dir(out, "prepare's OUT")  # a file in the way fails now, not after decoding
     run_prepare(dataset, raw, out, load_params(params).data)
     info(out)
 
@@ -62,6 +64,8 @@ def show(prepared: Path, out: Path, split: str = "train", scheme: str = typer.Op
     from mamlbench.data.grid import save_episode_grid
     from mamlbench.data.prepared import load_split
     from mamlbench.data.sampler import EpisodeSampler
+    from mamlbench.guards import check_new_file
+    check_new_file(out, "show's OUT")
     sampler = EpisodeSampler.from_split(load_split(prepared, split, scheme), n_way, k_shot, n_query, seed=seed)
     save_episode_grid(sampler.sample(1), out)
     typer.echo(out)

@@ -19,7 +19,6 @@ only finds the user's copy (pickled caches or the original JPEGs) and records wh
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import shutil
 import stat

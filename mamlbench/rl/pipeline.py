@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from mamlbench import guards
 from mamlbench.config import Params, load_params
 from mamlbench.io import write_json, write_text
 from mamlbench.provenance import identity, record
@@ -81,6 +82,7 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
     params, p = _setup(params_path, env, seed, profile)
     policies = {m: load_policy(Path(runs_dir) / m / "policy.pt") for m in MODELS}
     probe = policies["maml"]
+    guards.check_policy_width(probe, p.hidden, Path(runs_dir) / "maml" / "policy.pt")
     policies["random"] = make_policy(probe.mu[0].in_features, probe.log_std.numel(), p.hidden, params.seed)
     plots_dir = Path(plots_dir)
     with start_run(params, "rl", f"{env}__evaluate__seed{params.seed}", tags={"env": env, "stage": "rl-evaluate"},

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from mamlbench.io import load_torch, save_torch, write_json
