@@ -222,6 +222,11 @@ class VariantBenchmark:
     model: str | None = knob(None, "Network replacing the benchmark's `model`; null: the benchmark's.",
                              choices=list(MODELS))
     hidden: int | None = knob(None, "Filters replacing the benchmark's `hidden`; null: the benchmark's.", ge=1)
+    norm: Literal["shift", "affine"] | None = knob(None, "BatchNorm's learned parameters for this variant's "
+                                                         "network; null: the benchmark's `norm`.")
+    norm_eps: float | None = knob(None, "BatchNorm epsilon for this variant's network; null: the benchmark's.", gt=0)
+    init: Literal["reference", "torch"] | None = knob(None, "Initial weights of this variant's network; null: the "
+                                                            "benchmark's `init`.")
     train: dict[str, Any] = knob({}, "Overrides of the train section.")
     evaluate: dict[str, Any] = knob({}, "Overrides of the evaluate section.")
     options: dict[str, Any] = knob({}, "Overrides of the variant's options.")
@@ -422,8 +427,10 @@ def fewshot_cell(params: Params, benchmark: str, algorithm: str, setting: str) -
     options = variant.options
     if per.options or per_cell.options:
         options = build(type(options), {**to_dict(options), **per.options, **per_cell.options}, f"{where}.options")
-    return FewShotCell(train, evaluate, options, per.model or bench.model,
-                       per.hidden if per.hidden is not None else bench.hidden, bench.norm, bench.norm_eps, bench.init)
+    def own(name: str):
+        return getattr(bench, name) if getattr(per, name) is None else getattr(per, name)
+    return FewShotCell(train, evaluate, options, per.model or bench.model, own("hidden"), own("norm"),
+                       own("norm_eps"), own("init"))
 
 
 def fewshot_train(params: Params, benchmark: str, algorithm: str, setting: str) -> FewShotTrainParams:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import distributed, guards, rng
+from mamlbench import distributed, ensemble, guards, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
@@ -162,6 +162,9 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         if val > best.get("acc", -1.0):
             best.update(acc=val, iteration=done)
             save_torch(run_dir / "best.pt", _model_state(learner, params, benchmark, algorithm, setting, done))
+        if evaluate_cfg.ensemble > 1:  # MAML++ tests its top-k validation checkpoints
+            ensemble.keep_top_k(run_dir, evaluate_cfg.ensemble, val, done,
+                                lambda: _model_state(learner, params, benchmark, algorithm, setting, done))
         extra_state["best"] = dict(best)
         return {"meta_val/query_acc": val, "meta_val/best_acc": best["acc"]}
 
@@ -236,6 +239,9 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     learner = build_learner(params, benchmark, algorithm, setting, resolved, split.images.shape[2],
                             split.images.shape[3])
     learner.load_state_dict(state["learner"])
+    if ev.ensemble > 1:  # the mean logits of the top-k validation checkpoints (MAML++)
+        learner = ensemble.from_top_k(run_dir, ev.ensemble, lambda: build_learner(
+            params, benchmark, algorithm, setting, resolved, split.images.shape[2], split.images.shape[3]))
     learner.to(device)
     n = min(ev.n_episodes, episodes["n_episodes"])
     with Progress(f"evaluate {benchmark} {algorithm} {setting}", n) as bar:
@@ -248,6 +254,7 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     metrics = {"acc": mean, "ci95": ci, "n_episodes": acc.shape[0], "inner_steps": ev.inner_steps,
                "checkpoint": source.name, "checkpoint_iteration": state["iteration"], "per_step": per_step,
                "episodes": guards.episode_set_id(episodes, acc.shape[0]),
+               "ensemble_iterations": learner.iterations if ev.ensemble > 1 else None,
                "provenance": record(protocol, params.profile, device, model=source.name)}
     write_json(out_dir / "metrics.json", metrics)
     rows = ["episode,inner_steps,acc"] + [f"{e},{s},{acc[e, s].item():.6g}" for e in range(acc.shape[0])

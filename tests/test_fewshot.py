@@ -50,7 +50,7 @@ def tiny(tmp_path: Path, iterations: int = 12, **train) -> Path:
                      "train": {"iterations": iterations, "meta_batch_size": 4, "n_query": 5, "validate_every": 6,
                                "n_val_episodes": 20, "checkpoint_every": 6, "log_every": 3, **train},
                      "evaluate": {"inner_steps": 2, "n_episodes": 40, "chunk": 16}},
-        "variants": {"mamlpp": {"train": {"inner_lr": 0.4, "inner_steps": 2},
+        "variants": {"mamlpp": {"train": {"inner_lr": 0.4, "inner_steps": 2}, "evaluate": {"inner_steps": 2},
                                 "options": {"multi_step_loss_iterations": 6, "first_order_iterations": 6}},
                      "reptile": {"train": {"inner_lr": 0.01, "inner_steps": 3, "iterations": iterations},
                                  "evaluate": {"inner_steps": 2}}},  # the section holds the reference budget

@@ -251,3 +251,12 @@ def test_sinusoid_reference_init_is_a_truncated_normal_of_std_0_01():
     truncated_std = 0.01 * math.sqrt(1 - 2 * 2 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2)))
     assert abs(weights.std().item() - truncated_std) < 0.1 * truncated_std
     assert all(bool((m.bias == 0).all()) for m in net.net if isinstance(m, torch.nn.Linear))
+
+
+def test_paper_mamlpp_network_has_its_references_batch_norm():
+    """MAML++'s MetaBatchNormLayer: eps 1e-5, learnable gamma and beta (meta_neural_network_architectures.py:144,
+    experiment_config: learnable_bn_gamma/beta true); the benchmark's shift-only eps-1e-3 norm is MAML's."""
+    for benchmark in ("omniglot", "mini_imagenet"):
+        cell = fewshot_cell(PAPER, benchmark, "mamlpp", "5w1s")
+        assert (cell.model, cell.norm, cell.norm_eps, cell.init) == ("vgg_mamlpp", "affine", 1e-5, "reference")
+        assert fewshot_cell(PAPER, benchmark, "maml", "5w1s").norm_eps == 1e-3

@@ -209,7 +209,8 @@ def test_metasgd_rates_get_gradients_and_equal_maml_at_a_scalar():
 
 # ---- MAML++ --------------------------------------------------------------------------------------
 ALL_OFF = dict(multi_step_loss=False, derivative_order_annealing=False, per_step_bn_stats=False,
-               per_step_bn_weights=False, lslr=False, cosine_annealing=False)
+               per_step_bn_weights=False, lslr=False, cosine_annealing=False,
+               iterations_per_epoch=1)  # schedules move every meta-update here (per epoch: test_mamlpp_protocol)
 
 
 def mamlpp(model=None, inner_steps=2, **switches):
@@ -262,9 +263,10 @@ def test_mamlpp_lslr_rates_get_gradients():
 
 
 def test_mamlpp_per_step_bn_weights_distinct_and_not_adapted():
-    learner = mamlpp(per_step_bn_weights=True)
+    learner = mamlpp(per_step_bn_weights=True, per_step_slots="state")
     norms = [m for m in learner.model.modules() if isinstance(m, PerStepBatchNorm)]
     assert len(norms) == 2 and norms[0].weight.shape == (3, 16)       # slots for theta_0..theta_2
+    assert mamlpp(per_step_bn_weights=True).model.features[2].weight.shape == (2, 16)  # reference: one per step
     params, buffers = split_state(learner.model)
     sx, sy, _, _ = episodes(1, dtype=torch.float64)
     with task_batch_norm(learner.model, batched=False):
@@ -279,10 +281,10 @@ def test_mamlpp_per_step_bn_weights_distinct_and_not_adapted():
 
 
 def test_mamlpp_per_step_bn_running_stats():
-    learner = mamlpp(per_step_bn_stats=True)
+    learner = mamlpp(per_step_bn_stats=True, eval_running_stats=True, per_step_slots="state")
     assert learner.resolve_strategy(torch.device("cpu")) == "loop"
     with pytest.raises(ValueError, match="per_step_bn_stats"):
-        mamlpp(per_step_bn_stats=True, strategy="vmap")
+        mamlpp(per_step_bn_stats=True, eval_running_stats=True, strategy="vmap")
     norm = next(m for m in learner.model.modules() if isinstance(m, PerStepBatchNorm))
     batch = episodes(2, dtype=torch.float64)
     learner(*batch).loss.backward()

@@ -226,6 +226,54 @@ class FCNet(nn.Module):
         return self.head(self.features(x))
 
 
+class VGGMAMLPP(nn.Module):
+    """MAML++'s VGGReLUNormNetwork with max-pooling: 4 x [3x3 conv (stride 1, padding 1, bias),
+    BatchNorm, leaky ReLU, 2x2 max-pool], flattened, then a linear head.
+
+    As the reference (meta_neural_network_architectures.py L545-660): convolution and linear
+    weights xavier-uniform, biases zero (`init="reference"`); BatchNorm weight 1, bias 0, eps 1e-5,
+    scale and shift learned (`norm="affine"`; MAML++ replaces it by its per-step layer, which
+    learns both whatever `norm` says). The conv bias feeding a BatchNorm is kept for parity, though
+    batch statistics cancel it. Features: hidden x 1 x 1 for 28x28 Omniglot, hidden x 5 x 5 for
+    84x84 mini-ImageNet.
+
+    Args:
+        in_channels: image channels.
+        n_way: classes per task.
+        hidden: filters per conv layer (reference: 64 Omniglot, 48 mini-ImageNet).
+        image_size: side of the square input (sizes the head).
+        norm, norm_eps: BatchNorm's learned parameters ("shift" or "affine") and epsilon.
+        init: "reference" (xavier-uniform weights, zero biases) or "torch" (PyTorch's defaults).
+
+    Example:
+        model = VGGMAMLPP(3, n_way=5, hidden=48, image_size=84)
+        logits = model(torch.randn(10, 3, 84, 84))   # (10, 5)
+    """
+
+    def __init__(self, in_channels: int, n_way: int, hidden: int = 64, image_size: int = 28,
+                 norm: Norm = "affine", norm_eps: float = 1e-5, init: Init = "reference"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        side = image_size
+        for i in range(4):
+            layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, stride=1, padding=1, bias=True),
+                       batch_norm(nn.BatchNorm2d, hidden, norm, norm_eps), nn.LeakyReLU(0.01), nn.MaxPool2d(2)]
+            side //= 2
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for four 2x2 max-pools")
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(hidden * side * side, n_way)
+        if init not in ("reference", "torch"):
+            raise ValueError(f"init must be reference or torch, got {init!r}")
+        for m in self.modules() if init == "reference" else ():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, n_way)
+        return self.head(self.features(x))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "conv4_omniglot": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False, **net: Conv4(
         in_channels, n_way, hidden, "stride", "mean", image_size, channels_last, **net),
@@ -239,6 +287,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     norm_eps=1e-3, **net: ReptileConv4(in_channels, n_way, hidden, "stride", image_size, channels_last, norm_eps),
     "conv4_reptile_miniimagenet": lambda n_way, in_channels=3, image_size=84, hidden=32, channels_last=False,
     norm_eps=1e-3, **net: ReptileConv4(in_channels, n_way, hidden, "maxpool", image_size, channels_last, norm_eps),
+    "vgg_mamlpp": lambda n_way, in_channels=1, image_size=28, hidden=64, channels_last=False, **net: VGGMAMLPP(
+        in_channels, n_way, hidden, image_size, **net),
 }
 
 
@@ -248,12 +298,12 @@ def build_model(name: str, n_way: int, *, in_channels: int | None = None, image_
 
     Args:
         name: a key of `MODELS` (conv4_omniglot, conv4_miniimagenet, conv4_reptile_omniglot,
-            conv4_reptile_miniimagenet, mlp_omniglot).
+            conv4_reptile_miniimagenet, mlp_omniglot, vgg_mamlpp).
         n_way: classes per task.
         in_channels, image_size: input shape (defaults: 1x28x28 Omniglot, 3x84x84 mini-ImageNet).
         hidden: filters (conv4) or hidden widths (mlp).
         channels_last: NHWC convolutions (conv4 only; ignored by the MLP).
-        **net: the network's own options (conv4 and mlp: `norm`, `norm_eps`, `init`).
+        **net: the network's own options (conv4, mlp and vgg_mamlpp: `norm`, `norm_eps`, `init`).
 
     Example:
         model = build_model("conv4_omniglot", n_way=20)
