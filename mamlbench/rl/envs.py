@@ -15,7 +15,7 @@ the environment clips the action to [-1, 1] and scales it to its own bounds befo
 it, so the control cost is that of the applied action whatever the Gaussian policy samples.
 
 The locomotion envs default to rllab's dynamics and observations (`frame_skip`, `reset`,
-`observation`; docs/protocols_rl.md has both values of each, row by row); "gymnasium" keeps v5's.
+`observation`; docs/protocols.md (meta-RL) has both values of each, row by row); "gymnasium" keeps v5's.
 
 References: Finn, Abbeel & Levine, ICML 2017; the task definitions of cbfinn/maml_rl (rllab).
 """
