@@ -57,7 +57,8 @@ def train_sinusoid(params_path: str | Path | Params, kind: str, run_dir: str | P
     if kind not in sinusoid.MODELS:
         raise ValueError(f"--model {kind!r}: must be one of {', '.join(sinusoid.MODELS)}")
     section = params.sinusoid.train if kind == "maml" else params.sinusoid.pretrain
-    guards.check_writable_dir(run_dir, "--run-dir")  # before any work, not after training
+    if distributed.is_main():  # rank 0 alone writes outputs (under torchrun too), so it alone checks
+        guards.check_writable_dir(run_dir, "--run-dir")  # before any work, not after training
     with distributed.session(resolve_device(section.device)):
         if kind == "maml":  # refuse a meta-batch that does not split over the processes before any work
             distributed.check_divisible(section.meta_batch_size, "sinusoid.train.meta_batch_size")
@@ -132,7 +133,8 @@ def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: s
     fewshot.check_cell(params, benchmark, algorithm, setting)
     cfg = fewshot_train(params, benchmark, algorithm, setting)
     _check_data(params, benchmark, setting, prepared, episodes_dir, "val")
-    guards.check_writable_dir(run_dir, "--run-dir")
+    if distributed.is_main():  # rank 0 alone writes outputs
+        guards.check_writable_dir(run_dir, "--run-dir")
     with distributed.session(resolve_device(cfg.device)):
         distributed.check_divisible(cfg.meta_batch_size, f"{benchmark}.train.meta_batch_size")  # before any work
         with _locked(run_dir):
