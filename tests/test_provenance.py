@@ -193,7 +193,7 @@ def _cell(folder: Path, acc: float, code: str, protocol: str = "p") -> None:
                                                                   "settings_hash": "s", "iterations": 30,
                                                                   "wall_seconds": 60.0, "stopped": "iterations"}}))
     (folder / "eval" / "metrics.json").write_text(json.dumps({
-        "acc": acc, "ci95": 0.01, "n_episodes": 4,
+        "acc": acc, "ci95": 0.01, "n_episodes": 4, "episodes": "test-4",
         "provenance": {**base, "code_hash": "e", "data_hash": "td", "settings_hash": protocol}}))
     (folder / "eval" / "per_episode.csv").write_text("episode,inner_steps,acc\n" + "".join(
         f"{e},0,{acc}\n" for e in range(4)))
