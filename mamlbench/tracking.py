@@ -94,10 +94,16 @@ class Tracker:
         self.set_tags({f"provenance.{k}": v for k, v in provenance.items() if v is not None})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        """Tags, with the same fallback as metrics: a store that stopped answering never stops the run."""
         if self.client is None:
             return
+        if self.fallback is not None:
+            return self._lost(RuntimeError("earlier failure"), {"tags": tags})
         from mlflow.entities import RunTag
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        except Exception as err:
+            self._lost(err, {"tags": tags})
 
 
 def _experiment_id(client, name: str, uri: str, root: Path) -> str:

@@ -154,8 +154,8 @@ def build_world(w: Path) -> Path:
     edited(params, w / "iterations_negative.yaml",
            lambda r: (r["profiles"]["t"].update(profiled), r["sinusoid"]["train"].update(iterations=-5)))
     shutil.copytree(w / "runs/omniglot/maml-5w1s-seed0", w / "cut_run")
-    best = w / "cut_run" / "best.pt"
-    best.write_bytes(best.read_bytes()[:3000])
+    tested = w / "cut_run" / "model.pt"  # the final model: the one MAML's protocol tests
+    tested.write_bytes(tested.read_bytes()[:3000])
     shutil.copytree(w / "runs/omniglot", w / "cut_runs/omniglot")
     metrics = w / "cut_runs/omniglot/maml-5w1s-seed0/eval/metrics.json"
     metrics.write_text(metrics.read_text()[:20])
@@ -231,7 +231,7 @@ def test_a_value_the_profile_overrides_is_still_validated_as_written(world):
 def test_evaluate_refuses_a_model_of_another_algorithm_setting_seed_or_benchmark(world):
     w, out = world
     r = out["results"]
-    one_line(r["eval_other_algorithm"], 2, "best.pt", "algorithm 'maml', not 'anil'")
+    one_line(r["eval_other_algorithm"], 2, "model.pt", "algorithm 'maml', not 'anil'")
     one_line(r["eval_other_setting"], 2, "setting '5w5s', not '5w1s'")
     one_line(r["eval_other_way"], 2, "setting '5w1s', not '10w1s'")      # was: a size-mismatch traceback
     one_line(r["eval_other_seed"], 2, "seed 0, not 1")
@@ -240,7 +240,7 @@ def test_evaluate_refuses_a_model_of_another_algorithm_setting_seed_or_benchmark
 
 
 def test_a_cut_model_file_is_one_line_naming_it(world):
-    one_line(world[1]["results"]["eval_truncated_model"], 2, "cut_run/best.pt", "unreadable model file")
+    one_line(world[1]["results"]["eval_truncated_model"], 2, "cut_run/model.pt", "unreadable model file")
 
 
 def test_compare_refuses_to_pair_evaluations_of_different_episodes(world):
