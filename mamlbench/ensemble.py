@@ -39,7 +39,7 @@ def keep_top_k(run_dir: str | Path, k: int, acc: float, iteration: int, state: C
     run_dir = Path(run_dir)
     kept = [e for e in read_top_k(run_dir) if e["iteration"] < iteration]
     ranked = sorted(kept + [{"acc": float(acc), "iteration": int(iteration), "file": f"iter-{iteration:08d}.pt"}],
-                    key=lambda e: (-e["acc"], e["iteration"]))
+                    key=lambda e: (-round(e["acc"], 6), e["iteration"]))  # float noise is a tie
     top = ranked[:k]
     entered = any(e["iteration"] == iteration for e in top)
     folder = run_dir / TOPK_DIR

@@ -157,8 +157,11 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
     best = dict(resume_state["extra"].get("best", {})) if resume_state else {}
 
     def validate(done: int) -> dict[str, float]:
-        val = score(learner, val_split, val_episodes, cfg.n_val_episodes, evaluate_cfg.inner_steps,
-                    evaluate_cfg.inner_lr, device, evaluate_cfg.chunk)[:, -1].mean().item()
+        acc = score(learner, val_split, val_episodes, cfg.n_val_episodes, evaluate_cfg.inner_steps,
+                    evaluate_cfg.inner_lr, device, evaluate_cfg.chunk)[:, -1]
+        # float32 summation order makes equal accuracies differ in the last bits; rounded, a tie is a
+        # tie, so best.pt and the top-k keep the earlier checkpoint as documented
+        val = round(acc.double().mean().item(), 6)
         if val > best.get("acc", -1.0):
             best.update(acc=val, iteration=done)
             save_torch(run_dir / "best.pt", _model_state(learner, params, benchmark, algorithm, setting, done))

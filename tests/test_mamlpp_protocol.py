@@ -273,6 +273,15 @@ def test_keep_top_k_keeps_the_k_best_validations(tmp_path):
     assert not (tmp_path / "topk" / "iter-00000700.pt").exists()
 
 
+def test_float32_noise_in_a_tied_validation_keeps_the_earlier_checkpoint(tmp_path):
+    # the same 0.6, one float32 ulp above: what a different summation order of the episodes gives
+    later = torch.nextafter(torch.tensor(0.6), torch.tensor(1.0)).item()
+    assert later > 0.6
+    keep_top_k(tmp_path, 1, 0.6, 100, lambda: {"iteration": 100})
+    assert not keep_top_k(tmp_path, 1, later, 200, lambda: {"iteration": 200})
+    assert [e["iteration"] for e in read_top_k(tmp_path)] == [100]
+
+
 # ---- profile paper: the reference's experiment configs ----------------------------------------------
 # experiment_config/omniglot_maml++-omniglot_*.json and mini-imagenet_maml++-mini-imagenet_*.json
 REFERENCE = {
