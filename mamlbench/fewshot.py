@@ -24,7 +24,7 @@ from mamlbench.provenance import digest, file_digest, identity, record
 from mamlbench.schema import to_dict
 from mamlbench.stats import mean_ci95
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, meta_update, resolve_device, run_loop,
-                             train_provenance, trajectory_settings, write_curve)
+                             train_provenance, trajectory_settings, write_clock, write_curve)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -210,6 +210,7 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         return result
     save_torch(run_dir / "model.pt", _model_state(learner, params, benchmark, algorithm, setting, result.iterations))
     write_curve(run_dir / "curve.csv", result.history)
+    write_clock(run_dir / "clock.csv", result.clock)
     final = result.last()
     write_json(run_dir / "train.json", {"iterations": result.iterations, "best_val_acc": best.get("acc"),
                                         "best_iteration": best.get("iteration"), "seconds": round(result.seconds, 1),

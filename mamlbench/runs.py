@@ -80,7 +80,7 @@ def _train_sinusoid(params: Params, kind: str, section, run_dir: str | Path, pro
     with _tracked(params, "sinusoid", f"{kind}-seed{params.seed}", run_id=run_id, tags=tags, log_params=logged) as tracker:
         result = sinusoid.train(params, kind, run_dir, resume_state=state, log=tracker.log_metrics,
                                 extra={"mlflow_run_id": tracker.run_id}, progress=progress)
-        for name in ("model.pt", "curve.csv", "train.json"):
+        for name in ("model.pt", "curve.csv", "clock.csv", "train.json"):
             tracker.log_artifact(Path(run_dir) / name)
         _log_provenance(tracker, Path(run_dir) / "train.json")
     return {"iterations": result.iterations, "resumed_from": result.resumed_from}
@@ -161,7 +161,7 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
         result = fewshot.train(params, benchmark, algorithm, setting, run_dir, prepared=prepared,
                                episodes_dir=episodes_dir, resume_state=state, log=tracker.log_metrics,
                                extra={"mlflow_run_id": tracker.run_id}, progress=progress)
-        for name in ("best.pt", "curve.csv", "train.json"):
+        for name in ("best.pt", "curve.csv", "clock.csv", "train.json"):
             tracker.log_artifact(Path(run_dir) / name)
         _log_provenance(tracker, Path(run_dir) / "train.json")
     return {"iterations": result.iterations, "resumed_from": result.resumed_from, **result.last()}

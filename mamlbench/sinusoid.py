@@ -21,7 +21,7 @@ from mamlbench.provenance import identity, record
 from mamlbench.stats import mean_ci95
 from mamlbench.schema import to_dict
 from mamlbench.train import (Checkpointer, LoopConfig, LoopResult, meta_update, resolve_device, run_loop,
-                             train_provenance, trajectory_settings, write_curve)
+                             train_provenance, trajectory_settings, write_clock, write_curve)
 
 MODELS = ("maml", "pretrain")
 
@@ -96,6 +96,7 @@ def train(params: Params, kind: str, run_dir: str | Path, *, resume_state: dict 
     save_torch(run_dir / "model.pt", {"state_dict": model.state_dict(), "hidden": params.sinusoid.hidden,
                                       "kind": kind, "iterations": result.iterations})
     write_curve(run_dir / "curve.csv", result.history)
+    write_clock(run_dir / "clock.csv", result.clock)
     write_json(run_dir / "train.json", {"iterations": result.iterations, **result.last(),
                                         "provenance": train_provenance(result, checkpoints, params, device)})
     return result

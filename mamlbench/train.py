@@ -181,6 +181,7 @@ class LoopResult:
     resumed_from: int = 0
     seconds: float = 0.0                  # wall time of training, summed over resumes
     stopped: str = "iterations"           # why training stopped: "iterations" or "time_budget"
+    clock: list[tuple[int, float]] = field(default_factory=list)  # (iteration, wall seconds) of each history row
 
     def last(self) -> dict[str, float]:
         """The newest value of every metric."""
@@ -205,6 +206,11 @@ def write_curve(path: str | Path, history: list[dict[str, float]]) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
+def write_clock(path: str | Path, clock: list[tuple[int, float]]) -> None:
+    """Wall seconds of training at each logged iteration (join with curve.csv on `iteration`)."""
+    write_text(path, "iteration,seconds\n" + "".join(f"{i},{s:.3f}\n" for i, s in clock))
+
+
 def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[int], dict[str, float]],
              config: LoopConfig, checkpointer: Checkpointer, *, resume_state: dict | None = None,
              log: Callable[[dict[str, float], int], None] | None = None, extra: dict | None = None,
@@ -222,12 +228,14 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
     """
     main = distributed.is_main()
     history: list[dict[str, float]] = []
+    clock: list[tuple[int, float]] = []  # kept apart from history: wall time differs between runs, the curve must not
     start, before, total = 0, 0.0, config.iterations
     budget_s = None if config.time_budget_minutes is None else 60.0 * config.time_budget_minutes
     if resume_state is not None:
         learner.load_state_dict(resume_state["learner"])
         optimizer.load_state_dict(resume_state["optimizer"])
         history = [dict(row) for row in resume_state["history"]]
+        clock = [tuple(row) for row in resume_state.get("clock", [])]
         start, before = resume_state["iteration"], resume_state.get("seconds", 0.0)
         if resume_state.get("out_of_time") and budget_s is not None and before >= budget_s:
             total = start  # the budget already stopped this run: train no further
@@ -245,7 +253,7 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
         if main:
             checkpointer.save({"iteration": iteration, "learner": learner.state_dict(),
                                "optimizer": optimizer.state_dict(), "history": history, "extra": extra,
-                               "seconds": seconds, "out_of_time": out_of_time})
+                               "seconds": seconds, "out_of_time": out_of_time, "clock": clock})
         distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
 
     shown: dict[str, float] = {}   # the progress status: the newest training figure and validation figures
@@ -274,6 +282,7 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
             forced = any(k in metrics for k in config.force_log)
             if done % config.log_every == 0 or done == total or forced or out_of_time:
                 history.append({"iteration": done, **{k: float(v) for k, v in metrics.items()}})
+                clock.append((done, round(seconds, 3)))
                 if log is not None and main:
                     log(metrics, done)
                 first = next(iter(metrics), None)
@@ -284,4 +293,4 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
             if out_of_time:
                 stopped, total = "time_budget", done
                 break
-    return LoopResult(total, history, start, seconds, stopped)
+    return LoopResult(total, history, start, seconds, stopped, clock)
