@@ -125,8 +125,28 @@ def experiment(params: Params, benchmark: str, root: str | Path = "."):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     root = Path(root)
     uri = tracking_uri(params, root)
-    client = MlflowClient(tracking_uri=uri)
-    return client, _experiment_id(client, f"{params.tracking.experiment_prefix}-{benchmark}", uri, root)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        return client, _experiment_id(client, f"{params.tracking.experiment_prefix}-{benchmark}", uri, root)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first touch of an embedded store: MLflow creates a new SQLite file's tables (and an
+    experiment) without a lock, so two runs started together on a fresh store fail ("table
+    alembic_version already exists"). A server store needs none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

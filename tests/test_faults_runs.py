@@ -154,3 +154,28 @@ def with_suppress_kill(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+STARTER = """
+import sys, time
+from mamlbench.config import load_params
+from mamlbench.tracking import experiment
+params = load_params(sys.argv[1])
+while time.time() < float(sys.argv[2]):
+    pass
+client, experiment_id = experiment(params, "sinusoid", root=sys.argv[3])
+print(experiment_id)
+"""
+
+
+@pytest.mark.slow
+def test_runs_started_together_on_a_fresh_sqlite_store_share_one_experiment(tmp_path):
+    # without a lock MLflow's table creation races: "table alembic_version already exists"
+    params = write_params(tmp_path / "params.yaml", {"tracking": {"enabled": True}})
+    start = time.time() + 8  # every process imported and waiting, then all touch the new store at once
+    procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(params), str(start), str(tmp_path / "store")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-600:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, not one per process
