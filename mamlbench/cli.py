@@ -151,6 +151,21 @@ def report(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
     typer.echo(f"wrote {len(written)} files to {out}")
 
 
+@app.command("report-reference")
+def report_reference(runs_dir: Path = typer.Option(..., "--runs", help="Root of the reference runs "
+                                                   "(omniglot/<variant>-<setting>-seed<k>, sinusoid/seed<k>)."),
+                     quick: Optional[Path] = typer.Option(None, help="Root of quick-profile runs whose "
+                                                          "sinusoid/seed0 is shown beside the reference's."),
+                     note: Optional[Path] = typer.Option(None, help="A markdown file put under the title "
+                                                         "(the machine's conditions during the runs)."),
+                     out: Path = typer.Option(Path("reports/reference"), help="README.md, wall_time.png and "
+                                              "runs/ (the files read) go here."),
+                     ) -> None:
+    """The paper's Table 1 at the reference budget: accuracy, budget, provenance, validation vs wall time."""
+    from mamlbench.reference import build_reference
+    typer.echo(f"wrote {build_reference(runs_dir, out, quick=quick, note=note)}")
+
+
 @app.command()
 def compare(a: Path = typer.Argument(..., help="An evaluation folder (holding per_episode.csv)."),
             b: Path = typer.Argument(..., help="Another, evaluated on the same episodes."),

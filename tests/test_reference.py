@@ -1,0 +1,102 @@
+"""The reference set: profile `reference` is the paper's protocol but for its budget, and its report
+states each cell's result, budget and provenance from the run folders alone."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from mamlbench.config import fewshot_cell, load_params
+from mamlbench.reference import build_reference, in_reference_set, validation_curve
+
+BUDGET_KEYS = {"time_budget_minutes", "validate_every", "n_val_episodes"}
+
+
+@pytest.mark.parametrize("algorithm,setting", [(a, s) for a in ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile")
+                                               for s in ("5w1s", "5w5s", "20w1s", "20w5s") if in_reference_set(a, s)])
+def test_reference_profile_is_the_paper_protocol_but_for_its_budget(algorithm, setting):
+    paper = fewshot_cell(load_params(ROOT / "params.yaml", profile="paper"), "omniglot", algorithm, setting)
+    ref = fewshot_cell(load_params(ROOT / "params.yaml", profile="reference"), "omniglot", algorithm, setting)
+    assert ref.train.time_budget_minutes == 10 and paper.train.time_budget_minutes is None
+    strip = {k: None for k in BUDGET_KEYS}
+    assert dataclasses.replace(ref.train, **strip) == dataclasses.replace(paper.train, **strip)
+    assert (ref.evaluate, ref.options, ref.model, ref.hidden, ref.norm, ref.norm_eps, ref.init) == (
+        paper.evaluate, paper.options, paper.model, paper.hidden, paper.norm, paper.norm_eps, paper.init)
+
+
+def _provenance(iterations: int, seconds: float) -> dict:
+    return {"code_hash": "c0de", "data_hash": "da7a", "settings_hash": "5e77", "git_commit": "abcdef1234567",
+            "git_dirty": False, "profile": "reference", "torch": "2.14.1", "cuda": None, "mujoco": None,
+            "device_name": "cpu: test", "threads": 1, "iterations": iterations, "wall_seconds": seconds,
+            "stopped": "time_budget"}
+
+
+def _cell(root: Path, name: str, per_episode: np.ndarray, iterations: int, seconds: float,
+          validations: list[tuple[int, float, float]]) -> None:
+    """A run folder as `mamlbench train` + `evaluate` leave it: validations are (iteration, seconds, acc)."""
+    folder = root / "omniglot" / name
+    (folder / "eval").mkdir(parents=True)
+    (folder / "train.json").write_text(json.dumps({"iterations": iterations, "seconds": seconds,
+                                                   "provenance": _provenance(iterations, seconds)}))
+    rows = ["iteration,meta_train/query_loss,meta_val/query_acc"]
+    clock = ["iteration,seconds"]
+    for i in range(1, iterations + 1):
+        val = next((f"{a:.6g}" for it, _, a in validations if it == i), "")
+        rows.append(f"{i},1.0,{val}")
+        clock.append(f"{i},{seconds * i / iterations:.3f}")
+    (folder / "curve.csv").write_text("\n".join(rows) + "\n")
+    (folder / "clock.csv").write_text("\n".join(clock) + "\n")
+    n = per_episode.size
+    (folder / "eval" / "per_episode.csv").write_text("episode,inner_steps,acc\n" + "".join(
+        f"{e},{s},{v if s == 1 else 0.2:.6g}\n" for e, v in enumerate(per_episode) for s in (0, 1)))
+    mean = float(per_episode.mean())
+    (folder / "eval" / "metrics.json").write_text(json.dumps({
+        "acc": mean, "ci95": 1.96 * float(per_episode.std()) / math.sqrt(n), "n_episodes": n, "checkpoint": "model.pt",
+        "episodes": "omniglot/test/5w1s-600", "ensemble_iterations": None, "provenance": _provenance(iterations, seconds)}))
+
+
+def test_report_states_result_paper_difference_budget_and_pairing(tmp_path):
+    rng = np.random.default_rng(0)
+    maml = rng.integers(0, 2, 600).astype(float) * 0.2 + 0.8   # accuracies of 1-query 5-way episodes
+    anil = np.clip(maml - 0.2 * (rng.random(600) < 0.1), 0, 1)
+    runs = tmp_path / "runs"
+    _cell(runs, "maml-5w1s-seed0", maml, 40, 600.0, [(10, 150.0, 0.5), (40, 600.0, 0.9)])
+    _cell(runs, "anil-5w1s-seed0", anil, 80, 600.0, [(40, 300.0, 0.6), (80, 600.0, 0.7)])
+    out = tmp_path / "report"
+    text = build_reference(runs, out).read_text()
+
+    # MAML 5w1s: mean ± 1.96 sd / sqrt(n) in percent, against the paper's 98.7
+    mean, ci = 100 * maml.mean(), 196 * maml.std() / math.sqrt(600)
+    assert f"**{mean:.2f} ± {ci:.2f}** (paper 98.70; {mean - 98.7:+.2f})" in text
+    # ANIL against MAML on the same episodes: the paired mean difference and its CI
+    d = anil - maml
+    assert f"| {100 * d.mean():+.2f} ± {196 * d.std() / math.sqrt(600):.2f} |" in text
+    # budgets: updates reached of the protocol's, minutes, rate
+    assert "| MAML | 5w1s | 0 |" in text and "| 40 | 60,000 | 10.0 | 0.07 | time budget | final model |" in text
+    # cells of the set not run say so; cells outside the set are a dash
+    assert "not run: no session time left for it" in text
+    row = next(line for line in text.splitlines() if line.startswith("| ANIL |"))
+    assert row.count("| — ") == 3   # 5w5s, 20w1s, 20w5s are not in the set for ANIL
+    assert "commit abcdef1234" in text and "iterations reached 40–80 (2 runs stopped by their time budget)" in text
+    assert (out / "wall_time.png").stat().st_size > 0
+
+    # rebuilt from the copied files alone: the same bytes
+    first = ((out / "README.md").read_bytes(), (out / "wall_time.png").read_bytes())
+    build_reference(out / "runs", out)
+    assert ((out / "README.md").read_bytes(), (out / "wall_time.png").read_bytes()) == first
+
+
+def test_validation_curve_is_accuracy_at_wall_time(tmp_path):
+    _cell(tmp_path, "maml-5w1s-seed0", np.ones(4), 40, 600.0, [(10, 150.0, 0.5), (40, 600.0, 0.9)])
+    curve = validation_curve(tmp_path / "omniglot" / "maml-5w1s-seed0")
+    assert curve["minutes"].tolist() == [2.5, 10.0] and curve["val_acc"].tolist() == [0.5, 0.9]
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no reference runs"):
+        build_reference(tmp_path / "nothing", tmp_path / "out")
