@@ -20,7 +20,7 @@ import pandas as pd
 
 from mamlbench.config import Params, fewshot_train
 from mamlbench.guards import read_json
-from mamlbench.io import atomic_path, write_text
+from mamlbench.io import atomic_path, write_json, write_text
 from mamlbench.stats import mean_ci95
 
 # Published accuracies (%, ± 95% CI where given) on the benchmarks' own protocols.
@@ -289,21 +289,22 @@ def plot_curves(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) -
         ax.plot(val["iteration"], 100 * val["meta_val/query_acc"], "o-", color=color, label=label, ms=3)
         train = curve.dropna(subset=["meta_train/query_acc"])
         ax.plot(train["iteration"], 100 * train["meta_train/query_acc"].rolling(5, min_periods=1).mean(),
-                color=color, alpha=0.3, lw=1)
+                color=color, alpha=0.3, lw=1, label=f"{algorithm}, meta-training" if label else None)
     ax.set(xlabel="meta-update", ylabel="query accuracy %",
            title=f"{benchmark} {setting}: validation (dots) and meta-training (faint) accuracy")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay visible
     save_figure(fig, path)
 
 
 def plot_steps(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots()
-    for algorithm, group in cells[cells["setting"] == setting].groupby("algorithm", sort=False):
+    styles = ["o-", "s--", "^-.", "D:", "v-", "P--", "X-."]  # equal values must not hide a line under another
+    for i, (algorithm, group) in enumerate(cells[cells["setting"] == setting].groupby("algorithm", sort=False)):
         steps = pd.concat([pd.read_csv(f / "eval" / "steps.csv") for f in group["folder"]])
         mean = steps.groupby("inner_steps")["acc"].mean()
         ci = steps.groupby("inner_steps")["ci95"].mean()
-        ax.plot(mean.index, 100 * mean, "o-", label=algorithm, ms=3)
+        ax.plot(mean.index, 100 * mean, styles[i % len(styles)], label=algorithm, ms=7 - i % 4, mfc="none", lw=1.4)
         ax.fill_between(mean.index, 100 * (mean - ci), 100 * (mean + ci), alpha=0.2)
     ax.set(xlabel="inner steps at test time", ylabel="test accuracy %", title=f"{benchmark} {setting}: accuracy vs inner steps")
     _integer_ticks(ax)
@@ -440,6 +441,46 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
     return lines if found else lines + ["Not run with these params.", ""]
 
 
+# ----------------------------------------------------------------------------- headline metrics
+def headline_metrics(params: Params, runs: Path) -> dict[str, dict[str, float]]:
+    """{"<benchmark>/<cell>": {metric: value}}: one small file per cell for `dvc metrics` and `dvc exp show`,
+    named as the MLflow runs and their test metrics are (`meta_test/...`)."""
+    found: dict[str, dict[str, float]] = {}
+    for benchmark in ("omniglot", "mini_imagenet"):
+        for row in fewshot_cells(params, benchmark, runs).itertuples():
+            found[f"{benchmark}/{row.algorithm}-{row.setting}-seed{row.seed}"] = {
+                "meta_test/acc": round(float(row.acc), 6), "meta_test/ci95": round(float(row.ci95), 6)}
+    k = params.sinusoid.train.k_shot  # the training K; every K and step stays in the eval's metrics.json
+    for seed in params.seeds:
+        path = runs / "sinusoid" / f"seed{seed}" / "eval" / "metrics.json"
+        if path.is_file():
+            for model, ks in read_json(path).items():
+                if model != "provenance" and f"k{k}" in ks:
+                    found[f"sinusoid/{model}-k{k}-seed{seed}"] = {
+                        f"meta_test/mse_{step}": round(float(v["mse"]), 6)
+                        for step, v in ks[f"k{k}"].items() if step in ("step1", "step10")}
+    for env in params.rl.envs:
+        for seed in params.seeds:
+            path = runs / "rl" / env / f"seed{seed}" / "metrics.json"
+            if path.is_file():
+                for policy, steps in read_json(path).items():
+                    if policy != "provenance":  # before adapting and after one policy-gradient step
+                        found[f"rl/{env}-{policy}-seed{seed}"] = {
+                            f"meta_test/return_{step.replace('_', '')}": round(float(v["mean"]), 6)
+                            for step, v in steps.items() if step in ("step_0", "step_1")}
+    return found
+
+
+def write_headline_metrics(params: Params, runs: Path, folder: Path) -> list[Path]:
+    """`folder/<benchmark>/<cell>.json`, only this report's cells (a dropped cell leaves no stale file)."""
+    metrics = headline_metrics(params, runs)
+    if folder.exists():
+        shutil.rmtree(folder)
+    for name, values in metrics.items():
+        write_json(folder / f"{name}.json", values)
+    return [folder / f"{name}.json" for name in sorted(metrics)]
+
+
 # ----------------------------------------------------------------------------- the report
 NOT_RUN = "Not run with these params"
 
@@ -493,7 +534,8 @@ def build_report(params: Params, runs: str | Path, out: str | Path, force: bool 
         if figures.exists():
             shutil.rmtree(figures)
     write_text(out / "README.md", text)
-    return [out / "README.md", *sorted(final_figures.iterdir())]
+    headline = write_headline_metrics(params, runs, out / "metrics")
+    return [out / "README.md", *sorted(final_figures.iterdir()), *headline]
 
 
 def _report_text(params: Params, runs: Path, figures: Path) -> str:

@@ -166,7 +166,7 @@ def plot_fits(models: dict, tasks, support_x, support_y, inner_lr: float, path: 
             ax.scatter(support_x[task, :k, 0], support_y[task, :k, 0], marker="^", color="purple", zorder=5,
                        label="used for grad")
             ax.set_title(f"{'MAML' if name == 'maml' else 'pretrained'}, K={k}")
-            ax.set_xlim(-5, 5)
+            ax.set(xlim=(-5, 5), xlabel="x", ylabel="y" if col == 0 else None)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(f"Sinusoid: A={one.amplitude[0]:.2f}, phase={one.phase[0]:.2f}")

@@ -62,9 +62,7 @@ def test_dvc_repro_sinusoid_end_to_end(tmp_path):
 
     log = _dvc(repo, "repro", "sinusoid-evaluate")
     assert "sinusoid-train@maml-0" in log and "sinusoid-evaluate@0" in log
-    metrics = json.loads(_dvc(repo, "metrics", "show", "--json", stdout_only=True))
-    flat = json.dumps(metrics)
-    assert "runs/sinusoid/seed0/eval/metrics.json" in flat and "runs/sinusoid/seed0/maml/train.json" in flat
+    assert (repo / "runs/sinusoid/seed0/maml/train.json").is_file()
     evaluation = json.loads((repo / "runs/sinusoid/seed0/eval/metrics.json").read_text())
     assert evaluation["maml"]["k10"]["step1"]["mse"] > 0
 
@@ -118,11 +116,21 @@ def test_dvc_repro_tiny_profile_download_to_report(tmp_path, monkeypatch):
     for stage in ("download-omniglot", "episodize-omniglot", "sinusoid-evaluate@1", "omniglot-train@maml-5w1s-1",
                   "omniglot-evaluate@anil-5w1s-0", "rl-evaluate@navigation-1", "report"):
         assert f"Running stage '{stage}'" in log, stage
-    metrics = json.dumps(json.loads(_dvc(repo, "metrics", "show", "--json", stdout_only=True)))
+    # dvc metrics: one small file per cell, kept by git, the test metric named as in MLflow
+    shown = json.loads(_dvc(repo, "metrics", "show", "--json", stdout_only=True))
+    files = next(iter(shown.values()))["data"]
     for algorithm in ("maml", "anil"):
         for seed in (0, 1):
-            assert f"runs/omniglot/{algorithm}-5w1s-seed{seed}/eval/metrics.json" in metrics
-    assert "runs/sinusoid/seed1/eval/metrics.json" in metrics and "runs/rl/navigation/seed0/metrics.json" in metrics
+            cell = files[f"reports/metrics/omniglot/{algorithm}-5w1s-seed{seed}.json"]["data"]
+            evaluated = json.loads((repo / f"runs/omniglot/{algorithm}-5w1s-seed{seed}/eval/metrics.json").read_text())
+            assert cell["meta_test/acc"] == round(evaluated["acc"], 6)
+    assert "meta_test/mse_step10" in files["reports/metrics/sinusoid/maml-k10-seed1.json"]["data"]
+    assert "meta_test/return_step1" in files["reports/metrics/rl/navigation-maml-seed0.json"]["data"]
+    assert all(not f.startswith("runs/") for f in files)
+    html = repo / "plots_html"
+    _dvc(repo, "plots", "show", "-o", str(html))
+    page = (html / "index.html").read_text()
+    assert "<img" in page and "<script" not in page and "http" not in page   # renders offline
     report = (repo / "reports" / "README.md").read_text()
     assert "| maml | 5w1s |" in report and "| anil | 5w1s | mean of 2 |" in report and "### navigation" in report
     figures = {p.name for p in (repo / "reports" / "figures").iterdir()}
@@ -144,6 +152,24 @@ def test_dvc_repro_tiny_profile_download_to_report(tmp_path, monkeypatch):
     changed = _dvc(repo, "repro")
     ran = sorted(re.findall(r"Running stage '([^']+)'", changed))
     assert ran == ["report", "sinusoid-evaluate@0", "sinusoid-evaluate@1"], ran
+
+    # Two experiments on the committed baseline: `dvc exp show` lists both with the headline metric,
+    # `dvc metrics diff` the change against HEAD
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], cwd=repo, check=True)
+    key = "reports/metrics/omniglot/maml-5w1s-seed0.json"
+    for lr in (0.2, 0.05):
+        ran = re.findall(r"Running stage '([^']+)'", _dvc(repo, "exp", "run", "-S", f"omniglot.evaluate.inner_lr={lr}"))
+        assert sorted(ran) == ["omniglot-evaluate@anil-5w1s-0", "omniglot-evaluate@anil-5w1s-1",
+                               "omniglot-evaluate@maml-5w1s-0", "omniglot-evaluate@maml-5w1s-1", "report"], ran
+    shown = json.loads(_dvc(repo, "exp", "show", "--json", stdout_only=True))
+    baseline = next(row for row in shown if row.get("experiments"))
+    exps = [e["revs"][0]["data"] for e in baseline["experiments"]]
+    assert sorted(e["params"]["params.yaml"]["data"]["omniglot"]["evaluate"]["inner_lr"] for e in exps) == [0.05, 0.2]
+    assert all(0 <= e["metrics"][key]["data"]["meta_test/acc"] <= 1 for e in exps)
+    diff = json.loads(_dvc(repo, "metrics", "diff", "--json", stdout_only=True))
+    assert any(k.startswith("reports/metrics/omniglot/") and "meta_test/acc" in v for k, v in diff.items()), diff
+    params["omniglot"]["evaluate"]["inner_lr"] = 0.05   # the workspace holds the last experiment
 
     # The opt-in tune stage: one cell, a few tiny trials, best settings and metrics declared to DVC.
     params["tune"].update(cells=[{"benchmark": "omniglot", "algorithm": "maml", "setting": "5w1s"}], n_trials=3,

@@ -144,7 +144,7 @@ def plot_navigation_trace(results: dict, episodes: dict[str, list[Episodes]], pa
     ax.scatter([goal["goal_x"]], [goal["goal_y"]], marker="*", s=200, color="gold", edgecolor="k",
                label="goal", zorder=3)
     ax.set_aspect("equal")
-    ax.set_title(f"2D navigation, {policy} policy")
+    ax.set(title=f"2D navigation, {policy} policy", xlabel="x position", ylabel="y position")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
