@@ -60,7 +60,22 @@ def collect(runs: Path, out: Path) -> Path:
         _copy(folder, kept / "omniglot" / folder.name, FEWSHOT_FILES)
     for folder in sorted((runs / "sinusoid").glob("seed*")):
         _copy(folder, kept / "sinusoid" / folder.name, SINUSOID_FILES)
+    if (runs / "logs").is_dir():
+        _copy(runs / "logs", kept / "logs", sorted(p.name for p in (runs / "logs").glob("*.log")))
     return kept
+
+
+LOAD = re.compile(r"^# \S+ .*load: (?P<one>[\d.]+) ")
+
+
+def machine_load(runs: Path, algorithm: str, setting: str, seed: int) -> str:
+    """The 1-minute load average when the cell started and ended (its log's first and last `# ... load:`
+    lines, written by scripts/reference_runs.sh); "—" without a log. 2 cores: above 2, cells shared them."""
+    log = Path(runs) / "logs" / f"omniglot-{algorithm}-{setting}-seed{seed}.log"
+    if not log.is_file():
+        return "—"
+    loads = [m["one"] for m in map(LOAD.match, log.read_text().splitlines()) if m]
+    return " → ".join(loads[:1] + loads[-1:]) if loads else "—"
 
 
 def _copy(source: Path, target: Path, names) -> None:
@@ -152,7 +167,7 @@ def table_one(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def budget_table(cells: pd.DataFrame) -> pd.DataFrame:
+def budget_table(cells: pd.DataFrame, runs: Path) -> pd.DataFrame:
     """Per cell: what it was given and what it reached, and the paired difference against MAML."""
     rows = []
     for (algorithm, setting), group in cells.groupby(["algorithm", "setting"], sort=False):
@@ -176,6 +191,7 @@ def budget_table(cells: pd.DataFrame) -> pd.DataFrame:
             "updates/s": "—" if rate is None else f"{rate:.2f}",
             "stopped by": ", ".join(dict.fromkeys(str(s).replace("_", " ") for s in group["stopped"].dropna())) or "—",
             "tested": _tested(done),
+            "load, start → end": " / ".join(machine_load(runs, algorithm, setting, s) for s in group["seed"]),
         })
     order = {a: i for i, a in enumerate(VARIANTS)}
     frame = pd.DataFrame(rows)
@@ -303,8 +319,10 @@ def build_reference(runs: str | Path, out: str | Path, quick: str | Path | None 
     if not cells.empty:
         lines += ["### Budget of each cell", "",
                   "Meta-updates reached by the time budget (per seed), against the updates of the variant's own",
-                  "protocol; the paired difference against MAML is on the same 600 episodes (seed 0).", "",
-                  table(budget_table(cells)), ""]
+                  "protocol; the paired difference against MAML is on the same 600 episodes (seed 0). Load: the",
+                  "machine's 1-minute load average when the cell started and ended; two cells shared the 2 cores",
+                  "(one thread each), so about 2 is the norm and more means other work slowed the cell.", "",
+                  table(budget_table(cells, runs)), ""]
         plot_wall_time(cells, out / "wall_time.png")
         lines += ["Validation accuracy (the `n_val_episodes` validation episodes of each cell, after the test's",
                   "inner steps) against training wall time: every curve still rising is a cell that more time",

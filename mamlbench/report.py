@@ -267,13 +267,16 @@ def paired_table(cells: pd.DataFrame) -> pd.DataFrame:
                     continue
                 d = paired_files(row.folder / "eval", base.loc[row.seed, "folder"] / "eval")
                 diffs.append(d["diff"])
+                mine, theirs = int(row.iterations), int(base.loc[row.seed, "iterations"])
                 rows.append({"variant − maml": algorithm, "setting": setting, "seed": str(row.seed),
                              "difference, points (95% CI)": pct(d["diff"], d["ci95"]),
-                             "variant / maml / tie (episodes)": f"{d['a_wins']} / {d['b_wins']} / {d['ties']}"})
+                             "variant / maml / tie (episodes)": f"{d['a_wins']} / {d['b_wins']} / {d['ties']}",
+                             "meta-updates, variant / maml": f"{mine} / {theirs}" + (" ⚠ unequal" if mine != theirs else "")})
             if len(diffs) > 1:
                 mean, ci = seeds_ci95(diffs)
                 rows.append({"variant − maml": algorithm, "setting": setting, "seed": f"mean of {len(diffs)}",
-                             "difference, points (95% CI)": pct(mean, ci), "variant / maml / tie (episodes)": "—"})
+                             "difference, points (95% CI)": pct(mean, ci), "variant / maml / tie (episodes)": "—",
+                             "meta-updates, variant / maml": "—"})
     return pd.DataFrame(rows)
 
 
@@ -329,7 +332,9 @@ def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -
               provenance_line(list(cells["trained"]), list(cells["evaluated"]), "".join(fewshot_marks(cells).values())), ""]
     comparison = paired_table(cells)
     if not comparison.empty:
-        lines += ["Paired against MAML on the same test episodes (difference of per-episode accuracy, final step):",
+        lines += ["Paired against MAML on the same test episodes (difference of per-episode accuracy, final step; "
+                  "⚠ where the two trained for different numbers of meta-updates, so the difference is not "
+                  "budget-matched):",
                   "", table(comparison), ""]
     for setting in dict.fromkeys(cells["setting"]):
         for kind, plot in (("curves", plot_curves), ("steps", plot_steps)):

@@ -13,7 +13,7 @@ from pathlib import Path
 from mamlbench import distributed, fewshot, guards, sinusoid
 from mamlbench.config import Params, fewshot_cell, fewshot_train, load_params, with_seed
 from mamlbench.schema import to_dict
-from mamlbench.tracking import Tracker, start_run
+from mamlbench.tracking import Tracker, find_training_run, start_run
 from mamlbench.train import resolve_device
 
 
@@ -72,12 +72,14 @@ def _train_sinusoid(params: Params, kind: str, section, run_dir: str | Path, pro
     checkpoints = sinusoid.checkpointer(params, kind, run_dir)
     state = _resume_state(checkpoints)
     run_id = state["extra"].get("mlflow_run_id") if state else None
-    logged = {"seed": params.seed, "profile": params.profile, "hidden": params.sinusoid.hidden, kind: to_dict(section)}
+    logged = {"seed": params.seed, "profile": params.profile, "hidden": params.sinusoid.hidden, "variant": kind,
+              "train": to_dict(section)}
     tags = {"stage": "sinusoid-train", "variant": kind, "device": str(resolve_device(section.device)),
             "run_dir": Path(run_dir).resolve()}
     if state:
         tags["resumed_from"] = state["iteration"]
-    with _tracked(params, "sinusoid", f"{kind}-seed{params.seed}", run_id=run_id, tags=tags, log_params=logged) as tracker:
+    with _tracked(params, "sinusoid", run_name(params, "sinusoid", kind, sinusoid_setting(params)), run_id=run_id,
+                  tags={**tags, "setting": sinusoid_setting(params)}, log_params=logged) as tracker:
         result = sinusoid.train(params, kind, run_dir, resume_state=state, log=tracker.log_metrics,
                                 extra={"mlflow_run_id": tracker.run_id}, progress=progress)
         for name in ("model.pt", "curve.csv", "clock.csv", "train.json"):
@@ -94,17 +96,25 @@ def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Pa
         if not path.is_file():
             raise ValueError(f"{path}: no trained {name} model; run `mamlbench train sinusoid --model {name}` first")
     guards.check_writable_dir(out_dir, "--out")
-    logged = {"seed": params.seed, "profile": params.profile, "evaluate": to_dict(params.sinusoid.evaluate)}
-    with start_run(params, "sinusoid", f"evaluate-seed{params.seed}", tags={"stage": "sinusoid-evaluate"},
-                   log_params=logged) as tracker:
-        metrics = sinusoid.evaluate(params, paths, out_dir)
-        flat = {f"{model}/{k}/{step}/mse": v["mse"] for model, ks in metrics.items()
-                for k, steps in ks.items() for step, v in steps.items()}
-        tracker.log_metrics(flat)
-        for name in ("metrics.json", "per_task.csv", "fits.png"):
-            tracker.log_artifact(Path(out_dir) / name)
-        _log_provenance(tracker, Path(out_dir) / "metrics.json")
+    metrics = sinusoid.evaluate(params, paths, out_dir)
+    setting = sinusoid_setting(params)
+    for model, ks in metrics.items():  # one evaluation run per policy, nested under its training run
+        logged = {"seed": params.seed, "profile": params.profile, "variant": model,
+                  "evaluate": to_dict(params.sinusoid.evaluate)}
+        parent, run = _evaluation_run(params, "sinusoid", model, setting, runs[model], logged, "cpu")
+        with run as tracker:
+            test = {f"meta_test/mse_{k}_{step}": v["mse"] for k, steps in ks.items() for step, v in steps.items()}
+            tracker.log_metrics(test)
+            _onto_training_row(tracker, parent, test)
+            for name in ("metrics.json", "per_task.csv", "fits.png"):
+                tracker.log_artifact(Path(out_dir) / name)
+            _log_provenance(tracker, Path(out_dir) / "metrics.json")
     return metrics
+
+
+def sinusoid_setting(params: Params) -> str:
+    """The sinusoid's cell name in runs: its training K (`k10`)."""
+    return f"k{params.sinusoid.train.k_shot}"
 
 
 def _check_data(params: Params, benchmark: str, setting: str, prepared: str | Path, episodes_dir: str | Path,
@@ -122,9 +132,28 @@ def _check_data(params: Params, benchmark: str, setting: str, prepared: str | Pa
         guards.check_episodes_seed(load_torch(path), params.data.episodes.seed, path)
 
 
-def cell_name(algorithm: str, setting: str, seed: int) -> str:
-    """MLflow run names: <variant>-<way>w<shot>s-seed<k>."""
-    return f"{algorithm}-{setting}-seed{seed}"
+DEFAULT_PROFILE = "quick"  # params.yaml's own profile: run names say the profile only when it is another
+
+
+def run_name(params: Params, benchmark: str, variant: str, setting: str) -> str:
+    """One MLflow naming scheme for every benchmark: <benchmark>-<variant>-<setting>-seed<k>[-<profile>]."""
+    name = f"{benchmark}-{variant}-{setting}-seed{params.seed}"
+    return name if params.profile == DEFAULT_PROFILE else f"{name}-{params.profile}"
+
+
+def _evaluation_run(params: Params, benchmark: str, variant: str, setting: str, run_dir: str | Path,
+                    logged: dict, device) -> tuple:
+    """(the training run's id or None, the context of the evaluation run nested under it)."""
+    parent = find_training_run(params, benchmark, run_dir)
+    tags = {"stage": f"{benchmark}-evaluate", "variant": variant, "setting": setting, "device": str(device)}
+    return parent, start_run(params, benchmark, run_name(params, benchmark, variant, setting) + "-evaluate",
+                             tags=tags, log_params=logged, parent_run_id=parent)
+
+
+def _onto_training_row(tracker: Tracker, parent: str | None, metrics: dict[str, float]) -> None:
+    """The test metrics on the training run too: one row per cell holds train and test."""
+    if parent is not None and tracker.client is not None:
+        Tracker(tracker.client, parent).log_metrics(metrics)
 
 
 def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
@@ -151,17 +180,18 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
     logged = {"seed": params.seed, "profile": params.profile, "benchmark": benchmark, "algorithm": algorithm,
               "setting": setting, "model": resolved.model, "n_way": cell.n_way, "k_shot": cell.k_shot,
               "network": {"norm": resolved.norm, "norm_eps": resolved.norm_eps, "init": resolved.init},
-              "train": to_dict(cfg), "options": to_dict(resolved.options)}
+              "train": to_dict(cfg), "options": json.dumps(to_dict(resolved.options), sort_keys=True)}
+    # options as one JSON value: every variant of a benchmark logs the same param keys
     tags = {"stage": f"{benchmark}-train", "variant": algorithm, "setting": setting,
             "device": str(resolve_device(cfg.device)), "run_dir": Path(run_dir).resolve()}
     if state:
         tags["resumed_from"] = state["iteration"]
-    with _tracked(params, benchmark, cell_name(algorithm, setting, params.seed), run_id=run_id, tags=tags,
+    with _tracked(params, benchmark, run_name(params, benchmark, algorithm, setting), run_id=run_id, tags=tags,
                   log_params=logged) as tracker:
         result = fewshot.train(params, benchmark, algorithm, setting, run_dir, prepared=prepared,
                                episodes_dir=episodes_dir, resume_state=state, log=tracker.log_metrics,
                                extra={"mlflow_run_id": tracker.run_id}, progress=progress)
-        for name in ("best.pt", "curve.csv", "clock.csv", "train.json"):
+        for name in ("model.pt", "best.pt", "curve.csv", "clock.csv", "train.json"):
             tracker.log_artifact(Path(run_dir) / name)
         _log_provenance(tracker, Path(run_dir) / "train.json")
     return {"iterations": result.iterations, "resumed_from": result.resumed_from, **result.last()}
@@ -174,14 +204,20 @@ def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm
     fewshot.check_cell(params, benchmark, algorithm, setting)
     _check_data(params, benchmark, setting, prepared, episodes_dir, getattr(params, benchmark).evaluate.split)
     guards.check_writable_dir(out_dir, "--out")
+    resolved = fewshot_cell(params, benchmark, algorithm, setting)
+    ev = to_dict(resolved.evaluate)
+    ev["inner_lr"] = resolved.evaluate.inner_lr if resolved.evaluate.inner_lr is not None else resolved.train.inner_lr
     logged = {"seed": params.seed, "profile": params.profile, "algorithm": algorithm, "setting": setting,
-              "evaluate": to_dict(fewshot_cell(params, benchmark, algorithm, setting).evaluate)}
-    with start_run(params, benchmark, "evaluate-" + cell_name(algorithm, setting, params.seed),
-                   tags={"stage": f"{benchmark}-evaluate", "variant": algorithm, "setting": setting},
-                   log_params=logged) as tracker:
+              "evaluate": ev}   # the step size used, not the null that means "the training one"
+    parent, run = _evaluation_run(params, benchmark, algorithm, setting, run_dir, logged,
+                                  resolve_device(resolved.train.device))
+    with run as tracker:
         metrics = fewshot.evaluate(params, benchmark, algorithm, setting, run_dir, out_dir, prepared=prepared,
                                    episodes_dir=episodes_dir)
-        tracker.log_metrics({"meta_test/acc": metrics["acc"], "meta_test/ci95": metrics["ci95"]})
+        test = {"meta_test/acc": metrics["acc"], "meta_test/ci95": metrics["ci95"],
+                "meta_test/checkpoint_iteration": metrics["checkpoint_iteration"]}
+        tracker.log_metrics(test)
+        _onto_training_row(tracker, parent, test)
         for step, value in enumerate(metrics["per_step"].values()):
             tracker.log_metrics({"meta_test/acc_by_step": value["acc"]}, step=step)
         for name in ("metrics.json", "per_episode.csv", "steps.csv"):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from mamlbench import guards
 from mamlbench.config import Params
+from mamlbench.provenance import git_state
 from mamlbench.schema import flatten
 
 
@@ -27,14 +27,6 @@ def tracking_uri(params: Params, root: str | Path = ".") -> str:
     if params.tracking.uri:
         return params.tracking.uri
     return f"sqlite:///{(Path(root).resolve() / 'mlflow.db').as_posix()}"
-
-
-def git_commit(root: str | Path = ".") -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Tracker:
@@ -149,6 +141,21 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def find_training_run(params: Params, benchmark: str, run_dir: str | Path, root: str | Path = ".") -> str | None:
+    """The id of the newest MLflow run that trained `run_dir` (its `run_dir` tag), so that an evaluation
+    nests under it and puts its test metrics on its row; None when tracking is off or it is not found."""
+    if not params.tracking.enabled:
+        return None
+    try:
+        client, experiment_id = experiment(params, benchmark, root)
+        found = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                                   filter_string=f"tags.run_dir = '{Path(run_dir).resolve()}' "
+                                                 f"and tags.stage = '{benchmark}-train'")
+    except Exception:  # an unreachable store: the evaluation itself still runs (and falls back)
+        return None
+    return found[0].info.run_id if found else None
+
+
 @contextlib.contextmanager
 def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | None = None,
               tags: dict[str, Any] | None = None, log_params: dict[str, Any] | None = None,
@@ -179,8 +186,12 @@ def start_run(params: Params, benchmark: str, run_name: str, *, run_id: str | No
     try:
         if fresh:
             tracker.log_params(flatten(log_params if log_params is not None else params))
-        base = {"git_commit": git_commit(root), "seed": params.seed, "profile": params.profile,
-                "benchmark": benchmark}
+        commit, dirty = git_state(str(Path(root).resolve()))
+        base = {"git_commit": commit, "seed": params.seed, "profile": params.profile, "benchmark": benchmark}
+        if commit != "unknown":  # MLflow's own field: the UI links the run to its source version
+            base["mlflow.source.git.commit"] = commit
+        if dirty is not None:
+            base["git_dirty"] = dirty
         for var, tag in (("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_experiment")):
             if os.environ.get(var):
                 base[tag] = os.environ[var]

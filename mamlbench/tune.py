@@ -434,4 +434,14 @@ def write_outputs(out: Path, params_path: str | Path, params: Params, summary: d
               f"# mamlbench train <benchmark> --params {out / 'params.yaml'}   or   {cmd}\n")
     write_text(out / "params.yaml", header + yaml.safe_dump(raw, sort_keys=False))
     load_params(out / "params.yaml")  # the file we hand out must load
+    keep_study(study, out / "study.db")
+
+
+def keep_study(study: optuna.Study, path: Path) -> None:
+    """A copy of the whole study (every trial, its intermediate values and attributes) beside the outputs:
+    `optuna-dashboard sqlite:///<out>/study.db` opens what produced them, whatever storage the workers shared."""
+    from mamlbench.io import atomic_path
+    with atomic_path(path) as tmp:
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                          to_storage=f"sqlite:///{Path(tmp).resolve()}")
 

@@ -70,7 +70,8 @@ def test_dvc_repro_sinusoid_end_to_end(tmp_path):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mamlbench-sinusoid")
     found = client.search_runs([experiment.experiment_id])
-    assert {r.info.run_name for r in found} == {"maml-seed0", "pretrain-seed0", "evaluate-seed0"}
+    assert {r.info.run_name for r in found} == {f"sinusoid-{m}-k10-seed0{e}" for m in ("maml", "pretrain")
+                                                for e in ("", "-evaluate")}   # quick: the default profile
     assert all(r.info.status == "FINISHED" and r.data.tags.get("dvc_stage") for r in found)
 
     again = _dvc(repo, "repro", "sinusoid-evaluate")
@@ -140,7 +141,8 @@ def test_dvc_repro_tiny_profile_download_to_report(tmp_path, monkeypatch):
     import mlflow
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     names = {r.info.run_name for r in client.search_runs([client.get_experiment_by_name("mamlbench-omniglot").experiment_id])}
-    assert {"maml-5w1s-seed0", "anil-5w1s-seed1", "evaluate-maml-5w1s-seed1"} <= names
+    assert {"omniglot-maml-5w1s-seed0-tiny", "omniglot-anil-5w1s-seed1-tiny",
+            "omniglot-maml-5w1s-seed1-tiny-evaluate"} <= names
 
     snapshot = report
     again = _dvc(repo, "repro")

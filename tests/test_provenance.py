@@ -168,14 +168,14 @@ def test_provenance_on_the_mlflow_run_and_in_the_report(tmp_path):
     client = mlflow.tracking.MlflowClient(tracking_uri=store)
     found = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("mamlbench-sinusoid")
                                                              .experiment_id])}
-    tags = found["maml-seed0"].data.tags
+    tags = found["sinusoid-maml-k10-seed0-tiny"].data.tags
     for key in ("code_hash", "settings_hash", "data_hash", "torch", "device_name", "threads", "wall_seconds",
                 "iterations", "stopped", "git_commit", "profile"):
         assert tags[f"provenance.{key}"] == str(trained[key]), key
     assert trained["git_dirty"] is None and "provenance.git_dirty" not in tags  # unknown outside git
     assert tags["provenance.iterations"] == "40" and tags["provenance.stopped"] == "iterations"
     evaluated = json.loads((runs / "eval" / "metrics.json").read_text())["provenance"]
-    assert found["evaluate-seed0"].data.tags["provenance.settings_hash"] == evaluated["settings_hash"]
+    assert found["sinusoid-maml-k10-seed0-tiny-evaluate"].data.tags["provenance.settings_hash"] == evaluated["settings_hash"]
 
     # the report: one provenance line under the table, with the shared code hash and iterations
     text = build_report(load_params(params), tmp_path / "runs", tmp_path / "reports")[0].read_text()

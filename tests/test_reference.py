@@ -67,6 +67,9 @@ def test_report_states_result_paper_difference_budget_and_pairing(tmp_path):
     runs = tmp_path / "runs"
     _cell(runs, "maml-5w1s-seed0", maml, 40, 600.0, [(10, 150.0, 0.5), (40, 600.0, 0.9)])
     _cell(runs, "anil-5w1s-seed0", anil, 80, 600.0, [(40, 300.0, 0.6), (80, 600.0, 0.7)])
+    (runs / "logs").mkdir()
+    (runs / "logs" / "omniglot-maml-5w1s-seed0.log").write_text(
+        "# 2026-12-01T10:00:00Z abc1234 load: 1.50 1.20 1.00\ntrained\n# 2026-12-01T10:11:00Z done load: 2.50 2.00 1.50\n")
     out = tmp_path / "report"
     text = build_reference(runs, out).read_text()
 
@@ -77,7 +80,8 @@ def test_report_states_result_paper_difference_budget_and_pairing(tmp_path):
     d = anil - maml
     assert f"| {100 * d.mean():+.2f} ± {196 * d.std() / math.sqrt(600):.2f} |" in text
     # budgets: updates reached of the protocol's, minutes, rate
-    assert "| MAML | 5w1s | 0 |" in text and "| 40 | 60,000 | 10.0 | 0.07 | time budget | final model |" in text
+    assert "| MAML | 5w1s | 0 |" in text and "| 40 | 60,000 | 10.0 | 0.07 | time budget | final model | 1.50 → 2.50 |" in text
+    assert text.count("| final model | — |") == 1   # ANIL: no log, no load
     # cells of the set not run say so; cells outside the set are a dash
     assert "not run: no session time left for it" in text
     row = next(line for line in text.splitlines() if line.startswith("| ANIL |"))

@@ -114,17 +114,29 @@ def test_mlflow_records_params_metrics_tags_and_artifacts(tmp_path, tiny_sinusoi
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mamlbench-sinusoid")
     found = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(found) == {"maml-seed0", "pretrain-seed0", "evaluate-seed0"}
-    train = found["maml-seed0"]
+    # one scheme: <benchmark>-<variant>-<setting>-seed<k>-<profile> (tiny is not the default profile)
+    assert set(found) == {f"sinusoid-{m}-k10-seed0-tiny{e}" for m in ("maml", "pretrain") for e in ("", "-evaluate")}
+    train = found["sinusoid-maml-k10-seed0-tiny"]
     assert train.info.status == "FINISHED"
-    assert train.data.params["maml.inner_lr"] == "0.01" and train.data.params["seed"] == "0"
-    assert {"git_commit", "device", "seed", "benchmark"} <= set(train.data.tags)
+    assert train.data.params["train.inner_lr"] == "0.01" and train.data.params["seed"] == "0"
+    assert {"git_commit", "device", "seed", "benchmark", "variant", "setting", "profile", "stage"} <= set(train.data.tags)
     history = client.get_metric_history(train.info.run_id, "meta_train/query_loss")
     assert [m.step for m in history] == list(range(10, 121, 10))
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"model.pt", "curve.csv", "train.json"} <= artifacts
-    evaluation = found["evaluate-seed0"].data.metrics
-    assert evaluation["maml/k10/step1/mse"] > 0
+    # each policy's evaluation nests under its training run and puts the test metrics on its row
+    expected = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for model in ("maml", "pretrain"):
+        trained, evaluated = found[f"sinusoid-{model}-k10-seed0-tiny"], found[f"sinusoid-{model}-k10-seed0-tiny-evaluate"]
+        assert evaluated.data.tags["mlflow.parentRunId"] == trained.info.run_id
+        for k in ("k5", "k10"):
+            for step in ("step0", "step1", "step2"):
+                value = expected[model][k][step]["mse"]
+                assert trained.data.metrics[f"meta_test/mse_{k}_{step}"] == pytest.approx(value, rel=1e-12)
+                assert evaluated.data.metrics[f"meta_test/mse_{k}_{step}"] == pytest.approx(value, rel=1e-12)
+    keys = [set(k for k in found[f"sinusoid-{m}-k10-seed0-tiny"].data.metrics if k.startswith("meta_test/"))
+            for m in ("maml", "pretrain")]
+    assert keys[0] == keys[1] and len(keys[0]) == 6
 
 
 def test_divergence_stops_with_the_setting_and_fails_the_run(tmp_path, tiny_sinusoid):

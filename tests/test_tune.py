@@ -88,6 +88,11 @@ def test_best_settings_file_trains_the_best_trial(tmp_path, glyphs):
     assert tuned.profile.startswith("tuned_") and yaml.safe_load((tmp_path / "tuned" / "params.yaml").read_text())
     assert best["dvc_exp_run"].startswith("dvc exp run -S 'variants.maml.omniglot.train.inner_lr=")
     assert len((tmp_path / "tuned" / "trials.csv").read_text().splitlines()) == 4
+    # the study itself is kept beside its outputs: optuna-dashboard opens it, the best trial is the same
+    import optuna
+    kept = optuna.load_study(study_name=best["study"], storage=f"sqlite:///{tmp_path / 'tuned' / 'study.db'}")
+    assert len(kept.trials) == 3 and kept.best_trial.number == best["best_trial"]
+    assert kept.best_value == best["val_acc"] and kept.best_params == best["params"]
 
 
 def test_diverging_trial_fails_and_the_study_goes_on(tmp_path, glyphs):

@@ -18,7 +18,7 @@ from mamlbench.config import Params, load_params
 from mamlbench.io import write_json, write_text
 from mamlbench.provenance import identity, record
 from mamlbench.rl.params import RLEnvParams
-from mamlbench.tracking import start_run
+from mamlbench.tracking import Tracker, find_training_run, start_run
 
 MODELS = ("maml", "pretrained")
 Progress = Callable[[str, int, int], None]   # (label, done, total)
@@ -40,8 +40,8 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
               progress: Progress | None = None, seed: int | None = None, profile: str | None = None) -> dict:
     """Meta-train MAML-TRPO and the pretrained baseline on `env` into out_dir/{maml,pretrained}/.
 
-    Each is its own MLflow run (`<env>__<model>__seed<seed>`), reopened when resuming. Writes the
-    last iteration's metrics of both to `metrics_path`.
+    Each is its own MLflow run (`rl-<model>-<env>-seed<k>`, the scheme of every benchmark), reopened
+    when resuming. Writes the last iteration's metrics of both to `metrics_path`.
     """
     from mamlbench.rl.train import checkpoint_extra, provenance, train
     params, p = _setup(params_path, env, seed, profile)
@@ -49,8 +49,10 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
     for model in MODELS:
         run_dir = Path(out_dir) / model
         run_id = checkpoint_extra(env, p, params.seed, run_dir, model == "pretrained").get("mlflow_run_id")
-        with start_run(params, "rl", f"{env}__{model}__seed{params.seed}", run_id=run_id,
-                       tags={"env": env, "model": model}, log_params=_logged(params, env, p)) as tracker:
+        with start_run(params, "rl", run_name(params, model, env), run_id=run_id,
+                       tags={"env": env, "variant": model, "setting": env, "stage": "rl-train", "device": "cpu",
+                             "run_dir": run_dir.resolve()},
+                       log_params=_logged(params, env, p)) as tracker:
             budget = p.time_budget_minutes
             train(env, p, params.seed, run_dir, pretrain=model == "pretrained",
                   iterations=reached if model == "pretrained" and budget else None,
@@ -59,6 +61,7 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
                   progress=None if progress is None else (lambda d, t, model=model: progress(f"{env} {model}", d, t)),
                   extra={"mlflow_run_id": tracker.run_id})
             tracker.log_artifact(run_dir / "history.json")
+            tracker.log_artifact(run_dir / "policy.pt")
             records[model] = provenance(env, p, params.seed, run_dir, model == "pretrained", params.profile)
             tracker.log_provenance(records[model])
         history = json.loads((run_dir / "history.json").read_text())
@@ -85,7 +88,9 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
     guards.check_policy_width(probe, p.hidden, Path(runs_dir) / "maml" / "policy.pt")
     policies["random"] = make_policy(probe.mu[0].in_features, probe.log_std.numel(), p.hidden, params.seed)
     plots_dir = Path(plots_dir)
-    with start_run(params, "rl", f"{env}__evaluate__seed{params.seed}", tags={"env": env, "stage": "rl-evaluate"},
+    parents = {m: find_training_run(params, "rl", Path(runs_dir) / m) for m in MODELS}
+    with start_run(params, "rl", run_name(params, "all", env) + "-evaluate",
+                   tags={"env": env, "stage": "rl-evaluate", "device": "cpu"},
                    log_params=_logged(params, env, p)) as tracker:
         results, episodes = evaluate(env, policies, p)
         summary = {m: {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in steps.items()}
@@ -110,4 +115,14 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
         tracker.log_metrics({f"{m}/{k}": v["mean"] for m, steps in summary.items() for k, v in steps.items()})
         for name in ("adaptation.png", "training.png", "trace.png"):
             tracker.log_artifact(plots_dir / name)
+        for m, steps in summary.items():  # each trained policy's row gets its test returns, under one name
+            if parents.get(m) is not None and tracker.client is not None:
+                Tracker(tracker.client, parents[m]).log_metrics(
+                    {f"meta_test/return_step{k.split('_')[1]}": v["mean"] for k, v in steps.items()})
     return summary
+
+
+def run_name(params: Params, policy: str, env: str) -> str:
+    """rl-<policy>-<env>-seed<k>[-<profile>]: the naming of the other benchmarks' runs."""
+    name = f"rl-{policy}-{env}-seed{params.seed}"
+    return name if params.profile == "quick" else f"{name}-{params.profile}"
