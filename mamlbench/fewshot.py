@@ -17,7 +17,7 @@ from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
 from mamlbench.data.prepared import content_hash, load_split, read_meta
 from mamlbench.data.sampler import EpisodeSampler
-from mamlbench.io import save_torch, write_json, write_text
+from mamlbench.io import load_torch, save_torch, write_json, write_text
 from mamlbench.models.conv import build_model
 from mamlbench.progress import Progress
 from mamlbench.provenance import digest, file_digest, identity, record
@@ -164,7 +164,10 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         val = round(acc.double().mean().item(), 6)
         if val > best.get("acc", -1.0):
             best.update(acc=val, iteration=done)
-            save_torch(run_dir / "best.pt", _model_state(learner, params, benchmark, algorithm, setting, done))
+            state = _model_state(learner, params, benchmark, algorithm, setting, done)
+            save_torch(run_dir / "best.pt", state)
+            # and in the checkpoint folder, which DVC keeps (persist) when it reruns a finished stage
+            save_torch(checkpoints.folder / BEST_KEPT, {**state, "fingerprint": checkpoints.run_fingerprint})
         if evaluate_cfg.ensemble > 1:  # MAML++ tests its top-k validation checkpoints
             ensemble.keep_top_k(run_dir, evaluate_cfg.ensemble, val, done,
                                 lambda: _model_state(learner, params, benchmark, algorithm, setting, done))
@@ -209,6 +212,7 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
     if not main:
         return result
     save_torch(run_dir / "model.pt", _model_state(learner, params, benchmark, algorithm, setting, result.iterations))
+    _restore_best(run_dir, checkpoints)
     write_curve(run_dir / "curve.csv", result.history)
     write_clock(run_dir / "clock.csv", result.clock)
     final = result.last()
@@ -216,6 +220,20 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
                                         "best_iteration": best.get("iteration"), "seconds": round(result.seconds, 1),
                                         **final, "provenance": train_provenance(result, checkpoints, params, device)})
     return result
+
+
+BEST_KEPT = "best.pt"  # beside the ckpt-*.pt files, untouched by their pruning
+
+
+def _restore_best(run_dir: Path, checkpoints) -> None:
+    """best.pt again when it is gone but this run's copy is kept: DVC deletes a stage's outputs before
+    it reruns, and a finished run that resumes at its last iteration validates nothing anew."""
+    kept = checkpoints.folder / BEST_KEPT
+    if (run_dir / "best.pt").is_file() or not kept.is_file():
+        return
+    state = load_torch(kept)
+    if state.pop("fingerprint", None) == checkpoints.run_fingerprint:
+        save_torch(run_dir / "best.pt", state)
 
 
 def _model_state(learner, params: Params, benchmark: str, algorithm: str, setting: str, iteration: int) -> dict:

@@ -244,7 +244,8 @@ def plot_wall_time(cells: pd.DataFrame, path: Path) -> None:
         paper = _paper("maml", setting)
         if paper is not None:
             ax.axhline(paper[0], color="grey", ls="--", lw=0.8, label="MAML, paper (test)")
-        ax.set(title=SETTINGS[setting], xlabel="training wall time (min)", ylabel="validation accuracy (%)")
+        ax.set(title=SETTINGS[setting], xlabel="training wall time (min)",
+               ylabel="validation accuracy (%)" if setting == settings[0] else None)
         ax.legend(fontsize=6.5, loc="lower right")
     save_figure(fig, path)
 
@@ -334,7 +335,8 @@ def build_reference(runs: str | Path, out: str | Path, quick: str | Path | None 
         lines += ["Not run.", ""]
     else:
         lines += ["Query MSE on the 600 fixed test tasks (mean ± 95% CI), MAML and the pretrained baseline at the",
-                  "paper's 70,000 iterations beside the quick profile's 8,000 (seed 0). Budget: "
+                  "paper's 70,000 iterations beside the quick profile's 8,000 (seed 0; quick also departs to "
+                  "`sinusoid.init: torch`, docs/protocols.md). Budget: "
                   + sinusoid_budget(runs, quick) + ".", "", table(frame), "", provenance_line(trained, evaluated), ""]
     lines += ["## What a GPU would add", "",
               _gpu_line(cells), "", "## Commands", "", COMMANDS]

@@ -57,6 +57,22 @@ def tiny(tmp_path: Path, iterations: int = 12, **train) -> Path:
     })
 
 
+def test_a_finished_run_rerun_by_dvc_gets_its_best_checkpoint_back(tmp_path, glyphs):
+    # DVC deletes model.pt and best.pt (outputs) before it reruns a stage; checkpoints/ persists
+    params_path = tiny(tmp_path, validate_every=3)
+    data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")
+    runs.train_fewshot(params_path, "omniglot", "maml", "5w1s", tmp_path / "run", progress=False, **data)
+    before = load_torch(tmp_path / "run" / "best.pt")
+    best_iteration = json.loads((tmp_path / "run" / "train.json").read_text())["best_iteration"]
+    for name in ("model.pt", "best.pt"):
+        (tmp_path / "run" / name).unlink()
+    again = runs.train_fewshot(params_path, "omniglot", "maml", "5w1s", tmp_path / "run", progress=False, **data)
+    assert again["resumed_from"] == 12   # nothing left to train, nothing validated anew
+    after = load_torch(tmp_path / "run" / "best.pt")
+    assert after["iteration"] == before["iteration"] == best_iteration
+    assert all(torch.equal(before["learner"][k], after["learner"][k]) for k in before["learner"])
+
+
 @pytest.mark.parametrize("algorithm", VARIANTS)
 def test_variant_trains_resumes_bit_exact_and_evaluates(tmp_path, glyphs, algorithm):
     params_path = tiny(tmp_path)

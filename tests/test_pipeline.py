@@ -159,19 +159,24 @@ def test_dvc_repro_tiny_profile_download_to_report(tmp_path, monkeypatch):
     # `dvc metrics diff` the change against HEAD
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], cwd=repo, check=True)
-    key = "reports/metrics/omniglot/maml-5w1s-seed0.json"
-    for lr in (0.2, 0.05):
-        ran = re.findall(r"Running stage '([^']+)'", _dvc(repo, "exp", "run", "-S", f"omniglot.evaluate.inner_lr={lr}"))
-        assert sorted(ran) == ["omniglot-evaluate@anil-5w1s-0", "omniglot-evaluate@anil-5w1s-1",
-                               "omniglot-evaluate@maml-5w1s-0", "omniglot-evaluate@maml-5w1s-1", "report"], ran
+    key = "reports/metrics/sinusoid/maml-k10-seed0.json"
+    for lr in (0.02, 0.005):   # an evaluation knob: only the evaluations and the report rerun
+        ran = re.findall(r"Running stage '([^']+)'", _dvc(repo, "exp", "run", "-S", f"sinusoid.evaluate.inner_lr={lr}"))
+        assert sorted(ran) == ["report", "sinusoid-evaluate@0", "sinusoid-evaluate@1"], ran
     shown = json.loads(_dvc(repo, "exp", "show", "--json", stdout_only=True))
     baseline = next(row for row in shown if row.get("experiments"))
     exps = [e["revs"][0]["data"] for e in baseline["experiments"]]
-    assert sorted(e["params"]["params.yaml"]["data"]["omniglot"]["evaluate"]["inner_lr"] for e in exps) == [0.05, 0.2]
-    assert all(0 <= e["metrics"][key]["data"]["meta_test/acc"] <= 1 for e in exps)
+    assert sorted(e["params"]["params.yaml"]["data"]["sinusoid"]["evaluate"]["inner_lr"] for e in exps) == [0.005, 0.02]
+    values = [e["metrics"][key]["data"]["meta_test/mse_step1"] for e in exps]
+    assert all(v > 0 for v in values) and values[0] != values[1]
+    table = _dvc(repo, "exp", "show", "--md", "--drop", ".*", "--keep",   # the README's recipe, one param
+                 "Experiment|sinusoid.evaluate.inner_lr|.*maml-k10-seed0.json:meta_test/mse_step1$", stdout_only=True)
+    header = table.splitlines()[0]
+    assert "sinusoid.evaluate.inner_lr" in header and f"{key}:meta_test/mse_step1" in header and header.count("|") == 4
+    assert len([line for line in table.splitlines() if "| 0.005 " in line or "| 0.02 " in line]) >= 2
     diff = json.loads(_dvc(repo, "metrics", "diff", "--json", stdout_only=True))
-    assert any(k.startswith("reports/metrics/omniglot/") and "meta_test/acc" in v for k, v in diff.items()), diff
-    params["omniglot"]["evaluate"]["inner_lr"] = 0.05   # the workspace holds the last experiment
+    assert "meta_test/mse_step1" in diff[key], diff
+    params["sinusoid"]["evaluate"]["inner_lr"] = 0.005   # the workspace holds the last experiment
 
     # The opt-in tune stage: one cell, a few tiny trials, best settings and metrics declared to DVC.
     params["tune"].update(cells=[{"benchmark": "omniglot", "algorithm": "maml", "setting": "5w1s"}], n_trials=3,
