@@ -444,6 +444,8 @@ def fewshot_cell(params: Params, benchmark: str, algorithm: str, setting: str) -
     train, evaluate = build(FewShotTrainParams, train, f"{where}.train"), build(FewShotEvalParams, evaluate,
                                                                                 f"{where}.evaluate")
     options = variant.options
+    _check_keys(type(options), per.options, f"variants.{algorithm}.{benchmark}.options")
+    _check_keys(type(options), per_cell.options, f"variants.{algorithm}.{benchmark}.settings.{setting}.options")
     if per.options or per_cell.options:
         options = build(type(options), {**to_dict(options), **per.options, **per_cell.options}, f"{where}.options")
     def own(name: str):

@@ -245,3 +245,50 @@ def test_imaml_keeps_no_graph_of_the_inner_loop_and_evaluates_with_eval_lam():
     with pytest.raises(ConfigError, match="imaml.lambda"):
         build_algorithm("imaml", Tiny(), inner_lr=0.1, inner_steps=1, params={"lambda": 1.0})
 
+
+# ---- each variant through the few-shot path (`mamlbench train omniglot -a <name>`), on the glyphs -----
+SMOKE = {  # the sections hold the papers' protocols: shrink what would take long on two CPU cores
+    "protonet": {"omniglot": {"hidden": 16}},
+    "cavia": {"options": {"num_context_params": 8}},
+    "imaml": {"train": {"inner_steps": 2}, "evaluate": {"inner_steps": 2}, "options": {"cg_steps": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def glyphs(tmp_path_factory):
+    from test_fewshot import make_glyphs
+    return make_glyphs(tmp_path_factory.mktemp("glyphs"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["boil", "protonet", "protomaml", "cavia", "imaml"])
+def test_variant_trains_and_evaluates_through_the_fewshot_path(tmp_path, glyphs, algorithm):
+    from conftest import write_params
+    from mamlbench import runs
+    params_path = write_params(tmp_path / "params.yaml", {
+        "profile": "t", "profiles": {"t": {}}, "tracking": {"enabled": False},
+        "omniglot": {"hidden": 16, "settings": {"5w1s": {"n_way": 5, "k_shot": 1, "n_query": 5}},
+                     "train": {"iterations": 3, "meta_batch_size": 2, "n_query": 5, "validate_every": 3,
+                               "n_val_episodes": 8, "checkpoint_every": 3, "log_every": 1},
+                     "evaluate": {"inner_steps": 2, "n_episodes": 16, "chunk": 8}},
+        "variants": {algorithm: SMOKE.get(algorithm, {})},
+    })
+    data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")
+    out = runs.train_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "run", progress=False, **data)
+    assert out["iterations"] == 3 and 0 <= out["meta_val/best_acc"] <= 1
+    assert np.isfinite(out["meta_train/query_loss"])
+    metrics = runs.evaluate_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "run", tmp_path / "eval",
+                                    **data)
+    steps = 0 if algorithm == "protonet" else 2   # ProtoNet's section: no inner loop to report steps of
+    assert metrics["n_episodes"] == 16 and set(metrics["per_step"]) == {f"step{s}" for s in range(steps + 1)}
+    assert 0 <= metrics["acc"] <= 1
+
+
+@pytest.mark.parametrize("algorithm", ["boil", "protonet", "protomaml", "cavia", "imaml"])
+def test_params_yaml_rejects_an_unknown_option_key_by_name(tmp_path, algorithm):
+    from conftest import write_params
+    from mamlbench.config import load_params
+    with pytest.raises(ConfigError, match=rf"variants\.{algorithm}\.options\.bogus"):
+        load_params(write_params(tmp_path / "p.yaml", {"variants": {algorithm: {"options": {"bogus": 1}}}}))
+    with pytest.raises(ConfigError, match=rf"variants\.{algorithm}\.omniglot\.options\.bogus"):
+        load_params(write_params(tmp_path / "q.yaml", {"variants": {algorithm: {"omniglot": {"options": {"bogus": 1}}}}}))
