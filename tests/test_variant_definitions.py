@@ -292,3 +292,32 @@ def test_params_yaml_rejects_an_unknown_option_key_by_name(tmp_path, algorithm):
         load_params(write_params(tmp_path / "p.yaml", {"variants": {algorithm: {"options": {"bogus": 1}}}}))
     with pytest.raises(ConfigError, match=rf"variants\.{algorithm}\.omniglot\.options\.bogus"):
         load_params(write_params(tmp_path / "q.yaml", {"variants": {algorithm: {"omniglot": {"options": {"bogus": 1}}}}}))
+
+
+def test_paper_profile_resolves_each_new_variant_to_its_protocol():
+    """docs/protocols.md, "Issue 18 variants": the values typed from each reference, not read back from the code."""
+    from conftest import ROOT
+    from mamlbench.config import fewshot_cell, load_params
+    paper = load_params(ROOT / "params.yaml", profile="paper")
+    for benchmark in ("omniglot", "mini_imagenet"):
+        proto = fewshot_cell(paper, benchmark, "protonet", "5w1s")   # few_shot.py, run_train.py, section 3
+        assert (proto.model, proto.hidden, proto.norm, proto.norm_eps, proto.init) == (
+            "conv4_miniimagenet", 64, "affine", 1e-5, "torch")
+        assert (proto.train.meta_batch_size, proto.train.meta_lr, proto.train.loss_reduction) == (1, 1e-3, "mean")
+        assert proto.train.n_query == {"omniglot": 5, "mini_imagenet": 15}[benchmark]
+        assert proto.options.lr_halve_every == 2000 and proto.evaluate.inner_steps == 0
+        cavia = fewshot_cell(paper, benchmark, "cavia", "5w1s")      # lmzintgraf/cavia classification/arguments.py
+        assert (cavia.train.inner_lr, cavia.train.inner_steps, cavia.evaluate.inner_steps) == (1.0, 2, 2)
+        assert (cavia.train.meta_batch_size, cavia.train.meta_lr, cavia.train.grad_clip_value) == (16, 1e-3, 10)
+        assert (cavia.options.num_context_params, cavia.options.context_at, cavia.options.first_order) == (
+            100, "features.2.1", False)
+        imaml = fewshot_cell(paper, benchmark, "imaml", "5w1s")      # imaml_dev examples/README.md
+        assert (imaml.train.inner_lr, imaml.train.inner_steps, imaml.train.meta_batch_size) == (0.1, 16, 32)
+        assert (imaml.options.lam, imaml.options.cg_steps, imaml.options.eval_lam) == (2.0, 5, 0.0)
+        assert imaml.train.adapt_norm and imaml.evaluate.inner_steps == 16
+        assert fewshot_cell(paper, benchmark, "protomaml", "5w1s").options.first_order   # fo-Proto-MAML
+        for name in ("boil", "protomaml"):   # MAML's protocol
+            cell, maml = fewshot_cell(paper, benchmark, name, "5w1s"), fewshot_cell(paper, benchmark, "maml", "5w1s")
+            assert (cell.train, cell.evaluate, cell.model) == (maml.train, maml.evaluate, maml.model)
+    assert fewshot_cell(paper, "mini_imagenet", "cavia", "5w1s").train.n_query == 15
+    assert not {"boil", "protonet", "protomaml", "cavia", "imaml"} & set(load_params(ROOT / "params.yaml").omniglot.run.algorithms)
