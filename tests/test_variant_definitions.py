@@ -262,27 +262,35 @@ def glyphs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["boil", "protonet", "protomaml", "cavia", "imaml"])
-def test_variant_trains_and_evaluates_through_the_fewshot_path(tmp_path, glyphs, algorithm):
+def test_variant_trains_resumes_bit_exact_and_evaluates_through_the_fewshot_path(tmp_path, glyphs, algorithm):
     from conftest import write_params
     from mamlbench import runs
+    from mamlbench.io import load_torch
     params_path = write_params(tmp_path / "params.yaml", {
         "profile": "t", "profiles": {"t": {}}, "tracking": {"enabled": False},
         "omniglot": {"hidden": 16, "settings": {"5w1s": {"n_way": 5, "k_shot": 1, "n_query": 5}},
-                     "train": {"iterations": 3, "meta_batch_size": 2, "n_query": 5, "validate_every": 3,
-                               "n_val_episodes": 8, "checkpoint_every": 3, "log_every": 1},
+                     "train": {"iterations": 4, "meta_batch_size": 2, "n_query": 5, "validate_every": 2,
+                               "n_val_episodes": 8, "checkpoint_every": 2, "log_every": 1},
                      "evaluate": {"inner_steps": 2, "n_episodes": 16, "chunk": 8}},
         "variants": {algorithm: SMOKE.get(algorithm, {})},
     })
     data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")
-    out = runs.train_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "run", progress=False, **data)
-    assert out["iterations"] == 3 and 0 <= out["meta_val/best_acc"] <= 1
+    out = runs.train_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "a", progress=False, **data)
+    assert out["iterations"] == 4 and 0 <= out["meta_val/best_acc"] <= 1
     assert np.isfinite(out["meta_train/query_loss"])
-    metrics = runs.evaluate_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "run", tmp_path / "eval",
+    # a run that died after its checkpoint at 2 resumes to the same weights
+    runs.train_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "b", progress=False, **data)
+    for name in ("checkpoints/ckpt-00000004.pt", "model.pt", "train.json", "curve.csv"):
+        (tmp_path / "b" / name).unlink()
+    assert runs.train_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "b", progress=False,
+                              **data)["resumed_from"] == 2
+    a, b = load_torch(tmp_path / "a" / "model.pt")["learner"], load_torch(tmp_path / "b" / "model.pt")["learner"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = runs.evaluate_fewshot(params_path, "omniglot", algorithm, "5w1s", tmp_path / "a", tmp_path / "eval",
                                     **data)
     steps = 0 if algorithm == "protonet" else 2   # ProtoNet's section: no inner loop to report steps of
     assert metrics["n_episodes"] == 16 and set(metrics["per_step"]) == {f"step{s}" for s in range(steps + 1)}
     assert 0 <= metrics["acc"] <= 1
-
 
 @pytest.mark.parametrize("algorithm", ["boil", "protonet", "protomaml", "cavia", "imaml"])
 def test_params_yaml_rejects_an_unknown_option_key_by_name(tmp_path, algorithm):
