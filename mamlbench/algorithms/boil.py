@@ -6,7 +6,7 @@ so within a task the classifier's weight vectors stay where meta-training put th
 meta-learned: the query loss reaches it directly, and through the body's inner steps (second order).
 
 References: Oh, Yoo, Kim & Yun, "BOIL: Towards Representation Change for Few-shot Learning",
-ICLR 2021 (section 3: the update rule with the head's rate set to zero).
+ICLR 2021 (the BOIL update: the inner loop's head learning rate is zero).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class BOIL(MAML):
         model, inner_lr, inner_steps, first_order, strategy, loss_fn: as `MAML`.
         head: name of the submodule kept fixed within a task (`head.*`); all other parameters adapt.
 
-    References: Oh et al., ICLR 2021 (section 3).
+    References: Oh et al., ICLR 2021.
 
     Example:
         learner = BOIL(build_model("conv4_omniglot", n_way=5), inner_lr=0.4, inner_steps=1)

@@ -1,12 +1,12 @@
 """CAVIA (fast context adaptation): the inner loop adapts a context vector only; the network is meta-learned.
 
-Each task starts from a zero context phi (Zintgraf et al., Algorithm 1: "reset context parameters");
+Each task starts from a zero context phi (Zintgraf et al.; the reference's `reset_context_params`);
 the inner steps move phi alone, phi' = phi - alpha grad_phi L_support, and the outer loop learns
 every network weight from the query loss after them (second order through phi's steps unless
 `first_order`). Few parameters adapt per task, so the inner loop cannot overfit the support set.
 
-For classification the context modulates one convolutional layer through FiLM (Zintgraf et al.,
-section 5.3 and the reference's `CondConvNet`): a linear layer maps phi to a per-channel scale and
+For classification the context modulates one convolutional layer through FiLM (Zintgraf et al.'s
+classification experiments and the reference's `CondConvNet`): a linear layer maps phi to a per-channel scale and
 shift, h -> gamma(phi) * h + beta(phi), applied to the output of one submodule (`context_at`; the
 reference code's default is the third conv block, after its BatchNorm, before the ReLU). Regression
 feeds phi as extra inputs instead; that variant is not built here.
@@ -81,7 +81,7 @@ class CAVIA(MAML):
         inner_lr, inner_steps, first_order, strategy, loss_fn: as `MAML`.
         num_context_params, context_at: see `CAVIAParams`.
 
-    References: Zintgraf et al., ICML 2019 (Algorithm 1; section 5.3, FiLM).
+    References: Zintgraf et al., ICML 2019 (classification with FiLM); lmzintgraf/cavia.
 
     Example:
         learner = CAVIA(build_model("conv4_miniimagenet", n_way=5), inner_lr=1.0, inner_steps=2)

@@ -1,6 +1,6 @@
 """iMAML (implicit MAML): the meta-gradient of a proximal inner problem, by implicit differentiation.
 
-The inner problem is regularised towards the initialisation (Rajeswaran et al., eq. 4):
+The inner problem is regularised towards the initialisation (Rajeswaran et al., section 3):
 
     phi*(theta) = argmin_phi  L_support(phi) + lam/2 ||phi - theta||^2,
 
@@ -8,12 +8,11 @@ solved approximately by `inner_steps` gradient steps from phi = theta. At its mi
 grad L_support(phi*) + lam (phi* - theta) = 0, so d phi*/d theta = (I + H/lam)^-1 with H the
 Hessian of L_support at phi* (Lemma 1), and the meta-gradient of L_query(phi*) is
 
-    g = (I + H/lam)^-1 grad L_query(phi*)      (section 3.1, eq. 6),
+    g = (I + H/lam)^-1 grad L_query(phi*),
 
 found by `cg_steps` of conjugate gradient on (I + H/lam) g = grad L_query(phi*), each needing one
 Hessian-vector product (Algorithm 2). Nothing of the inner loop is differentiated: its steps keep
-no graph, so memory does not grow with `inner_steps` (section 3.1, "memory ... independent of the
-number of inner steps"), unlike MAML.
+no graph, so memory does not grow with `inner_steps`, unlike MAML's (the paper's point).
 
 Parameters the inner loop does not adapt (BatchNorm's with `adapt_norm: false`) receive their
 direct query gradient only; the theory (and the reference code) adapts every parameter.
@@ -77,7 +76,7 @@ class IMAML(MAML):
         inner_lr, inner_steps: gradient descent on the proximal inner problem.
         lam, cg_steps, eval_lam: see `IMAMLParams`.
 
-    References: Rajeswaran et al., NeurIPS 2019 (Algorithm 2, eq. 6).
+    References: Rajeswaran et al., NeurIPS 2019 (Lemma 1, Algorithm 2).
 
     Example:
         learner = IMAML(model, inner_lr=0.1, inner_steps=16, lam=2.0, cg_steps=5)

@@ -2,7 +2,7 @@
 
 No inner loop. A task is learned by averaging its support embeddings into one prototype per class,
 c_k = mean_{i: y_i = k} f(x_i) (Snell et al., eq. 1), and a query's logits are -||f(x) - c_k||^2
-(eq. 2, the squared Euclidean distance, which section 2.3 shows makes the classifier linear in
+(eq. 2, the squared Euclidean distance, which section 2.4 shows makes the classifier linear in
 f(x)). Only the embedding f is meta-learned, by the query loss through the prototypes.
 
 The embedding is the model's `features` (the network without its linear head, which goes unused),
