@@ -17,8 +17,13 @@ import yaml
 import dataclasses
 
 from mamlbench.algorithms.anil import ANILParams
+from mamlbench.algorithms.boil import BOILParams
+from mamlbench.algorithms.cavia import CAVIAParams
+from mamlbench.algorithms.imaml import IMAMLParams
 from mamlbench.algorithms.mamlpp import MAMLPPParams
 from mamlbench.algorithms.metasgd import MetaSGDParams
+from mamlbench.algorithms.protomaml import ProtoMAMLParams
+from mamlbench.algorithms.protonet import ProtoNetParams
 from mamlbench.algorithms.reptile import ReptileParams
 from mamlbench.data.params import DataParams
 from mamlbench.models.conv import MODELS
@@ -174,10 +179,15 @@ class SettingParams:
     evaluate: dict[str, Any] = knob({}, "Overrides of the benchmark's evaluate section for this cell.")
 
 
+# Every few-shot variant, in the order of `mamlbench.algorithms.ALGORITHMS`.
+VARIANTS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "boil", "protonet", "protomaml", "cavia",
+            "imaml")
+
+
 @dataclass(frozen=True)
 class RunParams:
     algorithms: list[str] = knob(["maml"], "Variants the pipeline trains.",
-                                 choices=["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"])
+                                 choices=list(VARIANTS))
     settings: list[str] = knob(["5w1s"], "Settings (keys of `settings`) the pipeline trains.")
 
 
@@ -256,6 +266,11 @@ ReptileVariant = _variant("Reptile", ReptileParams)
 ANILVariant = _variant("ANIL", ANILParams)
 MetaSGDVariant = _variant("MetaSGD", MetaSGDParams)
 MAMLPPVariant = _variant("MAMLPP", MAMLPPParams)
+BOILVariant = _variant("BOIL", BOILParams)
+ProtoNetVariant = _variant("ProtoNet", ProtoNetParams)
+ProtoMAMLVariant = _variant("ProtoMAML", ProtoMAMLParams)
+CAVIAVariant = _variant("CAVIA", CAVIAParams)
+IMAMLVariant = _variant("IMAML", IMAMLParams)
 
 
 @dataclass(frozen=True)
@@ -267,6 +282,11 @@ class VariantsParams:
     anil: ANILVariant = section(ANILVariant)
     metasgd: MetaSGDVariant = section(MetaSGDVariant)
     mamlpp: MAMLPPVariant = section(MAMLPPVariant)
+    boil: BOILVariant = section(BOILVariant)
+    protonet: ProtoNetVariant = section(ProtoNetVariant)
+    protomaml: ProtoMAMLVariant = section(ProtoMAMLVariant)
+    cavia: CAVIAVariant = section(CAVIAVariant)
+    imaml: IMAMLVariant = section(IMAMLVariant)
 
 
 @dataclass(frozen=True)
@@ -382,7 +402,6 @@ class Params:
 
 
 FEWSHOT = ("omniglot", "mini_imagenet")
-VARIANTS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")
 
 
 @dataclass(frozen=True)
@@ -425,6 +444,8 @@ def fewshot_cell(params: Params, benchmark: str, algorithm: str, setting: str) -
     train, evaluate = build(FewShotTrainParams, train, f"{where}.train"), build(FewShotEvalParams, evaluate,
                                                                                 f"{where}.evaluate")
     options = variant.options
+    _check_keys(type(options), per.options, f"variants.{algorithm}.{benchmark}.options")
+    _check_keys(type(options), per_cell.options, f"variants.{algorithm}.{benchmark}.settings.{setting}.options")
     if per.options or per_cell.options:
         options = build(type(options), {**to_dict(options), **per.options, **per_cell.options}, f"{where}.options")
     def own(name: str):

@@ -76,9 +76,9 @@ def learner_grads(learner, batch):
     return out, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in learner.parameters()]
 
 
-@pytest.mark.parametrize("name", ["metasgd", "anil", "fomaml"])
+@pytest.mark.parametrize("name", ["metasgd", "anil", "fomaml", "boil"])
 def test_hook_only_variants_match_their_loop(name, aot_eager):
-    """Meta-SGD's learned rates get their meta-gradient too; ANIL adapts the head only."""
+    """Meta-SGD's learned rates get their meta-gradient too; ANIL adapts the head only, BOIL all but the head."""
     _, _, batch = setup("conv")
     torch.manual_seed(0)
     model = build_model("conv4_omniglot", WAYS, in_channels=1, image_size=8, hidden=4).double()
@@ -97,7 +97,7 @@ def test_hook_only_variants_match_their_loop(name, aot_eager):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.lrs.values())
 
 
-@pytest.mark.parametrize("name", ["reptile", "mamlpp"])
+@pytest.mark.parametrize("name", ["reptile", "mamlpp", "protonet", "protomaml", "cavia", "imaml"])
 def test_variants_that_replace_the_inner_loop_are_refused(name):
     model = build_model("conv4_omniglot", WAYS, in_channels=1, image_size=8, hidden=4)
     with pytest.raises(ValueError, match="strategy 'compiled': .* overrides"):

@@ -68,7 +68,7 @@ def test_paper_profile_holds_the_papers_hyperparameters(tmp_path):
     ({"omniglot": {"run": {"settings": ["9w9s"]}}}, "omniglot.run.settings"),
     ({"omniglot": {"settings": {"5w1s": {"n_way": 5, "k_shot": 1, "n_query": 15, "train": {"inner_steps": 0}}}}},
      "omniglot.settings.5w1s.train.inner_steps"),
-    ({"omniglot": {"run": {"algorithms": ["maml", "protonet"]}}}, "omniglot.run.algorithms"),
+    ({"omniglot": {"run": {"algorithms": ["maml", "matchingnet"]}}}, "omniglot.run.algorithms"),
 ])
 def test_fewshot_keys_are_validated(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -68,6 +68,11 @@ SETTINGS = {
     "metasgd": dict(inner_lr=0.5, meta_lr=0.01),
     "mamlpp": dict(inner_lr=0.5, meta_lr=0.01, params=dict(multi_step_loss_iterations=20, first_order_iterations=10)),
     "reptile": dict(inner_lr=0.5, meta_lr=0.5, params=dict(final_meta_lr=None)),
+    "boil": dict(inner_lr=0.5, meta_lr=0.01),
+    "protonet": dict(inner_lr=0.5, meta_lr=0.01),
+    "protomaml": dict(inner_lr=0.5, meta_lr=0.01),
+    "cavia": dict(inner_lr=1.0, meta_lr=0.01, params=dict(num_context_params=16, context_at="features.5")),
+    "imaml": dict(inner_lr=0.1, meta_lr=0.01, params=dict(lam=1.0, cg_steps=3)),
 }
 
 
@@ -99,6 +104,8 @@ def test_meta_loss_falls(name):
     ("maml", None), ("fomaml", None), ("anil", None), ("metasgd", None), ("reptile", None),
     ("reptile", dict(inner_optimizer="adam", inner_batch_size=4)),
     ("mamlpp", dict(per_step_bn_stats=False, first_order_iterations=0)),
+    ("boil", None), ("protonet", None), ("protomaml", None), ("protomaml", dict(first_order=False)),
+    ("cavia", dict(num_context_params=3)), ("imaml", None),
 ])
 def test_vmap_and_loop_agree(name, params):
     batch = episodes(3, shape=(1, 8, 8), dtype=torch.float64)
@@ -319,13 +326,14 @@ def test_mamlpp_all_on_conv_trains_one_step():
 
 # ---- registry ------------------------------------------------------------------------------------
 def test_registry_validates_params():
-    assert set(ALGORITHMS) == {"maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"} == set(PARAMS)
+    assert set(ALGORITHMS) == {"maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "boil", "protonet",
+                               "protomaml", "cavia", "imaml"} == set(PARAMS)
     with pytest.raises(ConfigError, match="mamlpp.lslrr"):
         build_algorithm("mamlpp", mlp(), inner_lr=0.1, inner_steps=1, params={"lslrr": True})
     with pytest.raises(ConfigError, match="reptile.inner_optimizer"):
         build_algorithm("reptile", mlp(), inner_lr=0.1, inner_steps=1, params={"inner_optimizer": "rmsprop"})
     with pytest.raises(ValueError, match="unknown algorithm"):
-        build_algorithm("protonet", mlp(), inner_lr=0.1, inner_steps=1)
+        build_algorithm("matchingnet", mlp(), inner_lr=0.1, inner_steps=1)
     assert build_algorithm("fomaml", mlp(), inner_lr=0.1, inner_steps=1).first_order
 
 
@@ -344,11 +352,12 @@ def test_stepwise_trajectory_equals_maml_trajectory(strategy):
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_state_dict_round_trip(name):
     """Everything a variant learns (weights, rates, per-step tables and statistics) is in its state_dict."""
-    a = build_algorithm(name, mlp(seed=0), inner_lr=0.3, inner_steps=2)
+    params = SETTINGS[name].get("params") if name == "cavia" else None  # FiLM on a layer the MLP has
+    a = build_algorithm(name, mlp(seed=0), inner_lr=0.3, inner_steps=2, params=params)
     opt = torch.optim.SGD(a.parameters(), lr=0.1)
     grads_of(a, episodes(2, seed=1))
     opt.step()
-    b = build_algorithm(name, mlp(seed=1), inner_lr=0.3, inner_steps=2)
+    b = build_algorithm(name, mlp(seed=1), inner_lr=0.3, inner_steps=2, params=params)
     b.load_state_dict(a.state_dict())
     batch = episodes(2, seed=2)
     torch.manual_seed(0)

@@ -5,14 +5,19 @@ Every algorithm is an `nn.Module` whose `forward(support_x, support_y, query_x, 
 variant's own knobs live in its params dataclass (`PARAMS[name]`, None when it has none), whose
 fields are the constructor's keyword arguments.
 
-| name    | class          | paper                                  | params section  |
-|---------|----------------|----------------------------------------|-----------------|
-| maml    | MAML           | Finn et al. 2017                       | -               |
-| fomaml  | MAML (1st ord.)| Finn et al. 2017                       | -               |
-| reptile | Reptile        | Nichol et al. 2018                     | ReptileParams   |
-| anil    | ANIL           | Raghu et al. 2020                      | ANILParams      |
-| metasgd | MetaSGD        | Li et al. 2017                         | MetaSGDParams   |
-| mamlpp  | MAMLPlusPlus   | Antoniou et al. 2019                   | MAMLPPParams    |
+| name      | class           | paper                     | params section  |
+|-----------|-----------------|---------------------------|-----------------|
+| maml      | MAML            | Finn et al. 2017          | -               |
+| fomaml    | MAML (1st ord.) | Finn et al. 2017          | -               |
+| reptile   | Reptile         | Nichol et al. 2018        | ReptileParams   |
+| anil      | ANIL            | Raghu et al. 2020         | ANILParams      |
+| metasgd   | MetaSGD         | Li et al. 2017            | MetaSGDParams   |
+| mamlpp    | MAMLPlusPlus    | Antoniou et al. 2019      | MAMLPPParams    |
+| boil      | BOIL            | Oh et al. 2021            | BOILParams      |
+| protonet  | ProtoNet        | Snell et al. 2017         | ProtoNetParams  |
+| protomaml | ProtoMAML       | Triantafillou et al. 2020 | ProtoMAMLParams |
+| cavia     | CAVIA           | Zintgraf et al. 2019      | CAVIAParams     |
+| imaml     | IMAML           | Rajeswaran et al. 2019    | IMAMLParams     |
 """
 from __future__ import annotations
 
@@ -23,10 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlbench.algorithms.anil import ANIL, ANILParams
+from mamlbench.algorithms.boil import BOIL, BOILParams
+from mamlbench.algorithms.cavia import CAVIA, CAVIAParams
 from mamlbench.algorithms.core import norm_parameter_names
+from mamlbench.algorithms.imaml import IMAML, IMAMLParams
 from mamlbench.algorithms.maml import FOMAML, MAML, PRECISIONS, MetaOutput, check_precision
 from mamlbench.algorithms.mamlpp import MAMLPlusPlus, MAMLPPParams
 from mamlbench.algorithms.metasgd import MetaSGD, MetaSGDParams
+from mamlbench.algorithms.protomaml import ProtoMAML, ProtoMAMLParams
+from mamlbench.algorithms.protonet import ProtoNet, ProtoNetParams
 from mamlbench.algorithms.reptile import Reptile, ReptileParams
 from mamlbench.schema import build
 
@@ -37,6 +47,11 @@ ALGORITHMS: dict[str, Callable[..., MAML]] = {
     "anil": ANIL,
     "metasgd": MetaSGD,
     "mamlpp": MAMLPlusPlus,
+    "boil": BOIL,
+    "protonet": ProtoNet,
+    "protomaml": ProtoMAML,
+    "cavia": CAVIA,
+    "imaml": IMAML,
 }
 
 PARAMS: dict[str, type | None] = {
@@ -46,6 +61,11 @@ PARAMS: dict[str, type | None] = {
     "anil": ANILParams,
     "metasgd": MetaSGDParams,
     "mamlpp": MAMLPPParams,
+    "boil": BOILParams,
+    "protonet": ProtoNetParams,
+    "protomaml": ProtoMAMLParams,
+    "cavia": CAVIAParams,
+    "imaml": IMAMLParams,
 }
 
 
@@ -92,4 +112,6 @@ def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps
 
 
 __all__ = ["ALGORITHMS", "PARAMS", "PRECISIONS", "build_algorithm", "MetaOutput", "MAML", "FOMAML", "Reptile", "ANIL",
-           "MetaSGD", "MAMLPlusPlus", "ANILParams", "MetaSGDParams", "MAMLPPParams", "ReptileParams"]
+           "MetaSGD", "MAMLPlusPlus", "BOIL", "ANILParams", "MetaSGDParams", "MAMLPPParams", "ReptileParams",
+           "BOILParams", "ProtoNet", "ProtoNetParams", "ProtoMAML", "ProtoMAMLParams", "CAVIA", "CAVIAParams",
+           "IMAML", "IMAMLParams"]

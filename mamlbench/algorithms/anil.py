@@ -21,7 +21,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamlbench.algorithms.core import Params, forward
+from mamlbench.algorithms.core import Params, forward, sub_state
 from mamlbench.algorithms.maml import MAML
 from mamlbench.schema import knob
 
@@ -33,9 +33,14 @@ class ANILParams:
     first_order: bool = knob(False, "Drop the second-order term of the head's inner steps.")
 
 
-def _sub(state: Params, prefix: str) -> Params:
-    """Entries under `prefix.`, with the prefix stripped (the names a submodule's functional_call wants)."""
-    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+def head_parameter_names(model: nn.Module, head: str, variant: str) -> list[str]:
+    """The trainable parameters under `head.`; ValueError naming the model's parameters when there are none."""
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    heads = [k for k in names if k.startswith(head + ".")]
+    if not heads:
+        raise ValueError(f"{variant}: the model has no trainable parameters under head {head!r} "
+                         f"(parameters: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    return heads
 
 
 class ANIL(MAML):
@@ -59,10 +64,7 @@ class ANIL(MAML):
                  head: str = "head"):
         super().__init__(model, inner_lr, inner_steps, first_order, strategy, loss_fn)
         self.head = head
-        names = [k for k, p in model.named_parameters() if p.requires_grad]
-        if not any(self.adapts(k) for k in names):
-            raise ValueError(f"ANIL: the model has no trainable parameters under head {head!r} "
-                             f"(parameters: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+        head_parameter_names(model, head, "ANIL")
         # The cached-features path needs the model to be exactly head(features(x)).
         self.split = head == "head" and isinstance(getattr(model, "features", None), nn.Module)
 
@@ -75,6 +77,6 @@ class ANIL(MAML):
         if not self.split:
             return super().support_loss(params, buffers, support_x, support_y)
         # (n_support, n_features): a function of the body only, reused by every inner step.
-        feats = forward(self.model.features, _sub(params, "features"), _sub(buffers, "features"), support_x)
-        head_buffers = _sub(buffers, "head")
-        return lambda head: self.loss_fn(forward(self.model.head, _sub(head, "head"), head_buffers, feats), support_y)
+        feats = forward(self.model.features, sub_state(params, "features"), sub_state(buffers, "features"), support_x)
+        head_buffers = sub_state(buffers, "head")
+        return lambda head: self.loss_fn(forward(self.model.head, sub_state(head, "head"), head_buffers, feats), support_y)

@@ -43,6 +43,11 @@ def split_state(model: nn.Module) -> tuple[Params, Params]:
     return params, rest
 
 
+def sub_state(state: Params, prefix: str) -> Params:
+    """Entries under `prefix.`, with the prefix stripped (the names a submodule's functional_call wants)."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
 def norm_parameter_names(model: nn.Module) -> set[str]:
     """Names of the trainable parameters of `model`'s normalisation layers (BatchNorm, LayerNorm, GroupNorm)."""
     kinds = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
