@@ -287,5 +287,36 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     return metrics
 
 
+def plot_run(run_dir: str | Path, path: str | Path, steps: str | Path | None = None) -> None:
+    """One run's figure for its MLflow row: the validation and training curves, and, once evaluated,
+    test accuracy against inner steps (the report overlays the variants; this is the single run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    curve = pd.read_csv(run_dir / "curve.csv")
+    steps = Path(steps) if steps is not None else run_dir / "no-steps"
+    fig, axes = plt.subplots(1, 2 if steps.is_file() else 1, figsize=(9 if steps.is_file() else 5, 3.4), squeeze=False)
+    ax = axes[0][0]
+    for column, label, style in (("meta_train/query_acc", "meta-training query", "-"),
+                                 ("meta_val/query_acc", "validation", "o-")):
+        if column in curve:
+            rows = curve.dropna(subset=[column])   # validation rows only: no gaps drawn as zeros
+            ax.plot(rows["iteration"], 100 * rows[column], style, ms=3, label=label)
+    ax.set(xlabel="meta-update", ylabel="accuracy %", title=run_dir.name)
+    ax.legend(fontsize=8)
+    if steps.is_file():
+        s = pd.read_csv(steps)
+        axes[0][1].errorbar(s["inner_steps"], 100 * s["acc"], yerr=100 * s["ci95"], fmt="o-", ms=3, capsize=2)
+        axes[0][1].set(xlabel="inner steps at test time", ylabel="test accuracy % (95% CI)", title="test")
+    fig.tight_layout()
+    from mamlbench.io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
 def dataset_info(prepared: str | Path) -> dict:
     return read_meta(prepared)

@@ -191,7 +191,9 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
         result = fewshot.train(params, benchmark, algorithm, setting, run_dir, prepared=prepared,
                                episodes_dir=episodes_dir, resume_state=state, log=tracker.log_metrics,
                                extra={"mlflow_run_id": tracker.run_id}, progress=progress)
-        for name in ("model.pt", "best.pt", "curve.csv", "clock.csv", "train.json"):
+        if tracker.client is not None:  # a figure for the run's row (the report draws its own)
+            fewshot.plot_run(run_dir, Path(run_dir) / "curve.png")
+        for name in ("model.pt", "best.pt", "curve.csv", "clock.csv", "train.json", "curve.png"):
             tracker.log_artifact(Path(run_dir) / name)
         _log_provenance(tracker, Path(run_dir) / "train.json")
     return {"iterations": result.iterations, "resumed_from": result.resumed_from, **result.last()}
@@ -220,7 +222,9 @@ def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm
         _onto_training_row(tracker, parent, test)
         for step, value in enumerate(metrics["per_step"].values()):
             tracker.log_metrics({"meta_test/acc_by_step": value["acc"]}, step=step)
-        for name in ("metrics.json", "per_episode.csv", "steps.csv"):
+        if tracker.client is not None and (Path(run_dir) / "curve.csv").is_file():
+            fewshot.plot_run(run_dir, Path(out_dir) / "run.png", Path(out_dir) / "steps.csv")  # curves, accuracy vs steps
+        for name in ("metrics.json", "per_episode.csv", "steps.csv", "run.png"):
             tracker.log_artifact(Path(out_dir) / name)
         tracker.log_provenance(metrics["provenance"])
     return metrics

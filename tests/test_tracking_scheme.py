@@ -79,7 +79,7 @@ def test_one_row_per_cell_with_train_and_test_metrics_and_the_same_keys(tmp_path
         assert row.data.metrics["meta_test/acc"] == pytest.approx(evaluated[algorithm]["acc"], rel=1e-12)
         assert "meta_train/query_loss" in row.data.metrics and "meta_val/query_acc" in row.data.metrics
         assert {"setting", "seed", "profile", "device", "mlflow.source.git.commit", "git_dirty"} <= set(row.data.tags)
-        assert "model.pt" in {a.path for a in client.list_artifacts(row.info.run_id)}
+        assert {"model.pt", "curve.png"} <= {a.path for a in client.list_artifacts(row.info.run_id)}
     # identical param and metric keys across the variants; options are one JSON value
     assert len({tuple(sorted(r.data.params)) for r in rows}) == 1
     assert len({tuple(sorted(r.data.metrics)) for r in rows}) == 1
@@ -91,4 +91,5 @@ def test_one_row_per_cell_with_train_and_test_metrics_and_the_same_keys(tmp_path
     parents = {r.info.run_id: r.data.tags["variant"] for r in rows}
     assert sorted(parents[c.data.tags["mlflow.parentRunId"]] for c in children) == sorted(VARIANTS)
     maml = next(c for c in children if c.data.tags["variant"] == "maml")
+    assert "run.png" in {a.path for a in client.list_artifacts(maml.info.run_id)}
     assert maml.data.params["evaluate.inner_lr"] == "0.4" and maml.data.metrics["meta_test/checkpoint_iteration"] == 4

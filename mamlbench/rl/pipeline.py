@@ -57,7 +57,7 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
             train(env, p, params.seed, run_dir, pretrain=model == "pretrained",
                   iterations=reached if model == "pretrained" and budget else None,
                   time_budget_s=60 * budget if model == "maml" and budget else None,
-                  log=lambda it, m: tracker.log_metrics(m, step=it),
+                  log=lambda it, m: tracker.log_metrics(mlflow_names(m), step=it),
                   progress=None if progress is None else (lambda d, t, model=model: progress(f"{env} {model}", d, t)),
                   extra={"mlflow_run_id": tracker.run_id})
             tracker.log_artifact(run_dir / "history.json")
@@ -120,6 +120,20 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
                 Tracker(tracker.client, parents[m]).log_metrics(
                     {f"meta_test/return_step{k.split('_')[1]}": v["mean"] for k, v in steps.items()})
     return summary
+
+
+def mlflow_names(metrics: dict[str, float]) -> dict[str, float]:
+    """history.json's names as MLflow's `meta_train/...`: `meta_train/return` is each policy's training
+    return (MAML's after its inner update; the pretrained baseline has none, so no post-update name)."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "returns/post_update":
+            out["meta_train/return"] = value
+        elif key == "returns/pre_update":
+            out["meta_train/return_pre_update"] = value
+        else:
+            out["meta_train/" + key.replace("/", "_")] = value
+    return out
 
 
 def run_name(params: Params, policy: str, env: str) -> str:
