@@ -23,9 +23,11 @@ from mamlbench.stats import mean_ci95
 
 SETTINGS = {"5w1s": "5-way 1-shot", "5w5s": "5-way 5-shot", "20w1s": "20-way 1-shot", "20w5s": "20-way 5-shot"}
 VARIANTS = {"maml": "MAML", "fomaml": "first-order MAML", "anil": "ANIL", "metasgd": "Meta-SGD",
-            "mamlpp": "MAML++", "reptile": "Reptile"}
+            "mamlpp": "MAML++", "reptile": "Reptile", "boil": "BOIL", "protonet": "Prototypical Networks",
+            "protomaml": "fo-Proto-MAML", "cavia": "CAVIA", "imaml": "iMAML"}
 PAPER_ITERATIONS = {"maml": 60000, "fomaml": 60000, "anil": 60000, "metasgd": 60000, "mamlpp": 50000,
-                    "reptile": 100000}   # the meta-updates of each variant's own protocol (params.yaml, profile paper)
+                    "reptile": 100000, "boil": 60000, "protonet": 60000, "protomaml": 60000, "cavia": 60000,
+                    "imaml": 60000}   # the meta-updates of each variant's protocol (params.yaml, profile paper)
 CELL = re.compile(r"^(?P<algorithm>[a-z]+)-(?P<setting>\d+w\d+s)-seed(?P<seed>\d+)$")
 FEWSHOT_FILES = ("train.json", "curve.csv", "clock.csv", "eval/metrics.json", "eval/steps.csv", "eval/per_episode.csv")
 SINUSOID_FILES = ("maml/train.json", "maml/clock.csv", "pretrain/train.json", "pretrain/clock.csv",

@@ -2,13 +2,13 @@
 # The reference set (issue 16): the paper's protocol under `--profile reference`, one torch thread per
 # cell, two workers side by side on a 2-core machine. Each cell trains (resuming from its checkpoints
 # if it was stopped), then evaluates; its log goes to $ROOT/logs. Usage:
-#   scripts/reference_runs.sh ROOT WORKER   (WORKER: 1 or 2; run both at once for the split below)
+#   scripts/reference_runs.sh ROOT WORKER   (WORKER: 1 or 2, then 3 and 4; two at once for the split below)
 # The same cells through DVC, one experiment per row of the table (see reports/reference/README.md):
 #   dvc exp run -S profile=reference -S 'omniglot.run.algorithms=[maml,fomaml]' \
 #     -S 'omniglot.run.settings=[5w1s,5w5s,20w1s,20w5s]' omniglot-train omniglot-evaluate
 set -euo pipefail
 ROOT=${1:?ROOT folder for the runs}
-WORKER=${2:?worker 1 or 2}
+WORKER=${2:?worker 1 to 4}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$ROOT/logs"
 DATA=(--prepared data/prepared/omniglot --episodes data/episodes/omniglot)
@@ -32,6 +32,12 @@ sinusoid() {  # seed
     echo "# $(date -u +%FT%TZ) done load: $(cut -d' ' -f1-3 /proc/loadavg)"; } >"$log" 2>&1
 }
 
+# Workers 3 and 4: the variants added later (issue 18), at the same 5-way 1-shot budget.
+if [ "$WORKER" = 3 ]; then
+  omniglot boil 5w1s 0; omniglot protonet 5w1s 0; omniglot protomaml 5w1s 0; exit 0
+elif [ "$WORKER" = 4 ]; then
+  omniglot cavia 5w1s 0; omniglot imaml 5w1s 0; exit 0
+fi
 if [ "$WORKER" = 1 ]; then
   omniglot maml 5w1s 0; omniglot maml 5w5s 0; omniglot maml 20w1s 0; omniglot maml 20w5s 0
   omniglot anil 5w1s 0; omniglot metasgd 5w1s 0; omniglot maml 5w1s 1; omniglot maml 5w1s 2

@@ -17,7 +17,8 @@ from mamlbench.reference import build_reference, in_reference_set, validation_cu
 BUDGET_KEYS = {"time_budget_minutes", "validate_every", "n_val_episodes"}
 
 
-@pytest.mark.parametrize("algorithm,setting", [(a, s) for a in ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile")
+@pytest.mark.parametrize("algorithm,setting", [(a, s) for a in ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile",
+                                                                 "boil", "protonet", "protomaml", "cavia", "imaml")
                                                for s in ("5w1s", "5w5s", "20w1s", "20w5s") if in_reference_set(a, s)])
 def test_reference_profile_is_the_paper_protocol_but_for_its_budget(algorithm, setting):
     paper = fewshot_cell(load_params(ROOT / "params.yaml", profile="paper"), "omniglot", algorithm, setting)
@@ -86,6 +87,7 @@ def test_report_states_result_paper_difference_budget_and_pairing(tmp_path):
     assert "not run: no session time left for it" in text
     row = next(line for line in text.splitlines() if line.startswith("| ANIL |"))
     assert row.count("| — ") == 3   # 5w5s, 20w1s, 20w5s are not in the set for ANIL
+    assert "| iMAML | not run: no session time left for it | — | — | — |" in text
     assert "commit abcdef1234" in text and "iterations reached 40–80 (2 runs stopped by their time budget)" in text
     assert (out / "wall_time.png").stat().st_size > 0
 
