@@ -109,3 +109,10 @@ def test_vinyals_counts_rotations_as_classes():
 def test_repo_params_load():
     data = load_params(ROOT / "params.yaml").data
     assert data.opt_in == [] and data.omniglot.scheme == "maml" and data.episodes.n_test == 600
+
+
+def test_lake_scheme_needs_the_evaluation_archive():
+    with pytest.raises(ConfigError, match="add images_evaluation to data.omniglot.archives"):
+        build(DataParams, {"omniglot": {"scheme": "lake", "archives": ["images_background"]}}, "data")
+    sizes = build(DataParams, {"omniglot": {"scheme": "lake", "lake_val_alphabets": 2}}, "data").omniglot.split_sizes()
+    assert sizes == {"train": 964 - 2 * 55, "val": 2 * 14, "test": 659}   # the smallest case, for size checks

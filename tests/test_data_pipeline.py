@@ -53,8 +53,13 @@ def test_real_omniglot_download_prepare_episodize(tmp_path):
         pytest.skip(f"real Omniglot archives absent from {REAL} (the shared data mirror beside this checkout)")
     data = run_stages(tmp_path, SHARED)
     prep = data / "prepared" / "omniglot"
-    assert split_counts(prep) == {"maml": {"train": 1100, "val": 100, "test": 423},
-                                  "vinyals": {"train": 1028, "val": 172, "test": 423}}
+    counts = split_counts(prep)
+    assert {k: counts[k] for k in ("maml", "vinyals")} == {"maml": {"train": 1100, "val": 100, "test": 423},
+                                                          "vinyals": {"train": 1028, "val": 172, "test": 423}}
+    # Lake et al.: the 659 evaluation characters test; 5 whole background alphabets validate
+    assert counts["lake"]["test"] == 659 and counts["lake"]["train"] + counts["lake"]["val"] == 964
+    val = load_split(prep, "val", "lake").classes
+    assert len({c["alphabet"] for c in val}) == 5 and all(c["archive"] == "images_background" for c in val)
     test = load_split(prep, "test")
     assert test.images.shape == (423, 20, 1, 28, 28)
     # strokes are the foreground: a character covers a minority of the 28x28 pixels

@@ -146,3 +146,22 @@ def test_mini_imagenet_missing_gives_instructions(tmp_path):
         locate_mini_imagenet(str(tmp_path / "empty"), None)
     with pytest.raises(DataError, match="no folder"):
         locate_mini_imagenet(None, None)
+
+
+def test_lake_split_is_background_against_evaluation_alphabets(tmp_path):
+    # Lake et al. 2015: background alphabets train (one held out whole for validation), evaluation ones test
+    raw = make_tree(tmp_path / "raw")
+    _prepare(raw, tmp_path / "prep", scheme="lake", lake_val_alphabets=1)
+    by_split = {s: {(c["alphabet"], c["character"]) for c in load_split(tmp_path / "prep", s, "lake").classes}
+                for s in ("train", "val", "test")}
+    assert by_split["test"] == {("Kannada", 1), ("Kannada", 2), ("Gurmukhi", 41), ("Gurmukhi", 42)}
+    background = {"Latin": {("Latin", n) for n in (1, 2, 3, 4)}, "Hebrew": {("Hebrew", 1), ("Hebrew", 2)}}
+    held_out = next(a for a, chars in background.items() if chars == by_split["val"])  # one whole alphabet
+    assert by_split["train"] == next(chars for a, chars in background.items() if a != held_out)
+    assert not load_split(tmp_path / "prep", "test", "lake").rotations_as_classes
+    with pytest.raises(DataError, match="leave none of the 2 background alphabets"):
+        _prepare(raw, tmp_path / "bad", scheme="lake", lake_val_alphabets=2)
+    only_background = {"images_background": COUNTS["images_background"]}
+    with pytest.raises(DataError, match="images_evaluation"):
+        prepare_omniglot(raw, tmp_path / "bg", archives=["images_background"], maml_sizes=(3, 1),
+                         expected=only_background, scheme="lake")

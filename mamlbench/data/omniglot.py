@@ -25,7 +25,7 @@ from rich.progress import Progress
 from mamlbench.data.errors import DataError
 from mamlbench.data.params import OMNIGLOT_ARCHIVES, OMNIGLOT_DRAWERS
 from mamlbench.data.prepared import write_prepared
-from mamlbench.data.splits import maml_split, vinyals_split
+from mamlbench.data.splits import LAKE_TEST_ARCHIVES, lake_split, maml_split, vinyals_split
 
 _PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
 _CHARACTER = re.compile(r"^character(\d+)$")
@@ -74,14 +74,15 @@ def decode(path: str, size: int, resample: str = "reference") -> np.ndarray:
 def prepare_omniglot(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, archives: list[str],
                      image_size: int = 28, resample: str = "reference", scheme: str = "maml", maml_sizes: tuple[int, int] = (1100, 100),
                      split_seed: int = 1, rotations: list[int] = (0, 90, 180, 270),
-                     expected: dict[str, int] | None = None) -> dict:
+                     expected: dict[str, int] | None = None, lake_val_alphabets: int = 5) -> dict:
     """Decode every character into `out_dir/images.npy` (chars, 20, 1, size, size) and `meta.json`.
 
     Args:
         raw_dir: the download stage's folder, holding one extracted folder per archive.
         archives: which archives to read, in order.
         resample: reference (binary, as the MAML code) or lanczos; see `decode`.
-        scheme: default class split recorded for `load_split` (maml or vinyals).
+        scheme: default class split recorded for `load_split` (maml, vinyals or lake).
+        lake_val_alphabets: background alphabets the lake split holds out for meta-validation.
         maml_sizes: meta-train and meta-val characters of the maml split (the rest is meta-test).
         rotations: degrees (multiples of 90) that augment sampled classes.
         expected: characters per archive; None: the official counts (964, 659, 136, 156).
@@ -97,10 +98,17 @@ def prepare_omniglot(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
             progress.advance(task)
     maml = maml_split(len(characters), *maml_sizes, split_seed)
     vinyals = [vinyals_split(c["alphabet"], c["character"]) for c in characters]
+    assigned = [("maml", maml), ("vinyals", vinyals)]
+    try:  # recorded whenever it exists (both kinds of archive read, enough alphabets); required for scheme lake
+        assigned.append(("lake", lake_split(characters, lake_val_alphabets, split_seed)))
+    except DataError:
+        if scheme == "lake":
+            raise
     splits = {name: {s: [i for i, x in enumerate(assign) if x == s] for s in ("train", "val", "test")}
-              for name, assign in (("maml", maml), ("vinyals", vinyals))}
+              for name, assign in assigned}
     meta = dict(dataset="omniglot", scheme=scheme, classes=characters, splits=splits,
-                rotations=[r // 90 for r in rotations], rotations_as_classes={"maml": False, "vinyals": True},
+                rotations=[r // 90 for r in rotations],
+                rotations_as_classes={"maml": False, "vinyals": True, "lake": False},
                 shape=list(images.shape), image_size=image_size, resample=resample, archives=list(archives),
                 maml_sizes=list(maml_sizes), split_seed=split_seed)
     write_prepared(out_dir, images, meta)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mamlbench.data.splits import OMNIGLOT_VINYALS_SIZES, RAVI_PER_CLASS, RAVI_SIZES, SPLITS
+from mamlbench.data.splits import (OMNIGLOT_ALPHABET_CHARACTERS, OMNIGLOT_BACKGROUND, OMNIGLOT_EVALUATION,
+                                   OMNIGLOT_VINYALS_SIZES, RAVI_PER_CLASS, RAVI_SIZES, SPLITS)
 from mamlbench.schema import ConfigError, knob, section
 
 # Characters per official archive (Lake et al.); `prepare` checks what it decodes against these.
@@ -40,8 +41,11 @@ class OmniglotParams:
         "reference", "How the 105x105 1-bit PNGs shrink: reference (the MAML code's resize_images.py calls "
                      "LANCZOS on the 1-bit image, which PIL resizes nearest-neighbour: binary pixels) or lanczos "
                      "(greyscale first, then LANCZOS: anti-aliased grey levels).")
-    scheme: Literal["maml", "vinyals"] = knob("maml", "Default class split: maml (1100/100/423 shuffled "
-                                              "characters) or vinyals (1028/172/423 fixed alphabets).")
+    scheme: Literal["maml", "vinyals", "lake"] = knob(
+        "maml", "Default class split: maml (1100/100/423 shuffled characters), vinyals (1028/172/423 fixed "
+                "alphabets) or lake (Lake et al. 2015: background alphabets train, evaluation alphabets test).")
+    lake_val_alphabets: int = knob(5, "Background alphabets the lake split holds out for meta-validation "
+                                      "(drawn with split_seed; Lake et al. define no validation set).", ge=1, le=29)
     maml_split: list[int] = knob([1100, 100], "Meta-train and meta-val characters of the maml split; "
                                  "the rest is meta-test.", ge=1)
     split_seed: int = knob(1, "Seed of the maml split's shuffle (the MAML code: random.seed(1)).", ge=0)
@@ -56,6 +60,10 @@ class OmniglotParams:
         """Classes per split, statically: characters, times rotations where those are classes."""
         if self.scheme == "vinyals":
             return {s: n * len(self.rotations) for s, n in OMNIGLOT_VINYALS_SIZES.items()}
+        if self.scheme == "lake":  # which alphabets validate is drawn at prepare time: the smallest case
+            low, high = OMNIGLOT_ALPHABET_CHARACTERS
+            n = self.lake_val_alphabets
+            return {"train": OMNIGLOT_BACKGROUND - high * n, "val": low * n, "test": OMNIGLOT_EVALUATION}
         total = sum(OMNIGLOT_ARCHIVES[a] for a in self.archives)
         train, val = self.maml_split
         return {"train": train, "val": val, "test": total - train - val}
@@ -67,6 +75,9 @@ class OmniglotParams:
             raise ConfigError(f"{where}.archives = {self.archives}: expected distinct archive names")
         if not self.rotations or len(set(self.rotations)) != len(self.rotations):
             raise ConfigError(f"{where}.rotations = {self.rotations}: expected distinct angles")
+        if self.scheme == "lake" and "images_evaluation" not in self.archives:
+            raise ConfigError(f"{where}.scheme = 'lake' tests on the evaluation alphabets: add "
+                              f"images_evaluation to {where}.archives")
         total = sum(OMNIGLOT_ARCHIVES[a] for a in self.archives)
         if self.scheme == "maml" and sum(self.maml_split) >= total:
             raise ConfigError(f"{where}.maml_split = {self.maml_split}: leaves no meta-test characters "

@@ -39,7 +39,8 @@ def run_prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, da
         p = data.omniglot
         return prepare_omniglot(raw, out, archives=p.archives, image_size=p.image_size, resample=p.resample,
                                 scheme=p.scheme,
-                                maml_sizes=tuple(p.maml_split), split_seed=p.split_seed, rotations=p.rotations)
+                                maml_sizes=tuple(p.maml_split), split_seed=p.split_seed, rotations=p.rotations,
+                                lake_val_alphabets=p.lake_val_alphabets)
     source_file = Path(raw) / "source.json"
     if not source_file.is_file():
         raise DataError(f"{source_file}: missing (run the download stage for mini-imagenet first)")

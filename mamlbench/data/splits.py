@@ -12,6 +12,11 @@ are in use, and papers that report on "Omniglot" silently pick one of them:
 - `vinyals` (Vinyals et al. 2016, the lists of Snell et al. 2017, also used by MAML++): fixed
   alphabets. 1028 meta-train, 172 meta-validation, 423 meta-test characters, and every
   (character, rotation) pair is its own class: 4112 / 688 / 1692 classes.
+- `lake` (Lake et al. 2015, Science, the archives as published): the 30 background alphabets (964
+  characters, `images_background`) for meta-training, the 20 evaluation alphabets (659 characters,
+  `images_evaluation`) for meta-testing. Lake et al. define no validation set, so `lake_val_alphabets`
+  whole background alphabets, drawn with `split_seed`, are held out for it; rotations augment
+  sampled classes as in `maml`.
 
 mini-ImageNet (Ravi & Larochelle 2017): 64 / 16 / 20 ImageNet classes of 600 images each. The
 WordNet ids below are checked against the original split CSVs by `tests/test_data_splits.py`.
@@ -50,6 +55,29 @@ def maml_split(n_characters: int, n_train: int, n_val: int, seed: int) -> list[s
     for rank, i in enumerate(order):
         names[i] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
     return names
+
+
+LAKE_TEST_ARCHIVES = frozenset({"images_evaluation"})   # the small archives are subsets of the background one
+# Characters per Omniglot alphabet range from 14 to 55: bounds for checking episode sizes before preparing.
+OMNIGLOT_ALPHABET_CHARACTERS = (14, 55)
+OMNIGLOT_BACKGROUND, OMNIGLOT_EVALUATION = 964, 659
+
+
+def lake_split(characters: list[dict], n_val_alphabets: int, seed: int) -> list[str]:
+    """Split names for `characters` (dicts with `archive` and `alphabet`): the evaluation archive is
+    test; `n_val_alphabets` background alphabets, shuffled with `seed` after sorting by name, are val."""
+    background = sorted({c["alphabet"] for c in characters if c["archive"] not in LAKE_TEST_ARCHIVES})
+    if not any(c["archive"] in LAKE_TEST_ARCHIVES for c in characters):
+        raise DataError("lake split: it tests on images_evaluation, which was not prepared")
+    if n_val_alphabets >= len(background):
+        raise DataError(f"lake split: {n_val_alphabets} validation alphabets leave none of the "
+                        f"{len(background)} background alphabets for meta-training")
+    import torch  # here, so that loading params does not import torch
+
+    order = torch.randperm(len(background), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = {background[i] for i in order[:n_val_alphabets]}
+    return ["test" if c["archive"] in LAKE_TEST_ARCHIVES else "val" if c["alphabet"] in val else "train"
+            for c in characters]
 
 
 # ---- mini-ImageNet, Ravi & Larochelle split (twitter/meta-learning-lstm data/miniImagenet) ----
