@@ -182,7 +182,7 @@ def provenance_line(trained: list[dict], evaluated: list[dict], used: str = "") 
              f"code {both('code_hash')}", f"data {both('data_hash')}", f"settings {both('settings_hash')}",
              f"profile {_one(records, 'profile')}",
              f"torch {_one(records, 'torch')}, CUDA {_one(records, 'cuda')}, MuJoCo {_one(records, 'mujoco')}",
-             f"{_one(trained or records, 'device_name')}, {_one(trained or records, 'threads')} threads"]
+             f"{_one(trained or records, 'device_name')}, torch threads {_one(trained or records, 'threads')}"]
     if trained:
         reached = sorted({r.get("iterations") for r in trained if r.get("iterations") is not None})
         budget = sum(r.get("stopped") == "time_budget" for r in trained)
@@ -380,9 +380,9 @@ def sinusoid_section(params: Params, runs: Path, figures: Path) -> list[str]:
     fig, axes = plt.subplots(1, tasks["k_shot"].nunique(), figsize=(9, 3.2), sharey=True)
     for ax, (k, group) in zip(np.atleast_1d(axes), tasks.groupby("k_shot")):
         for model, style in (("maml", "o-"), ("pretrain", "s--")):
-            mse = group[group["model"] == model].groupby("inner_steps")["mse"]
-            ax.errorbar(mse.mean().index, mse.mean(), yerr=1.96 * mse.std() / np.sqrt(mse.count()), fmt=style,
-                        label=model, ms=3, capsize=2)
+            by_step = [(s, *mean_ci95(g.to_numpy())) for s, g in group[group["model"] == model].groupby("inner_steps")["mse"]]
+            steps_, means, cis = (np.array(v) for v in zip(*by_step))   # the table's mean and CI (stats.mean_ci95)
+            ax.errorbar(steps_, means, yerr=cis, fmt=style, label=model, ms=3, capsize=2)
         ax.set(title=f"K = {k}", xlabel="inner steps", yscale="log")
         _integer_ticks(ax)
     np.atleast_1d(axes)[0].set_ylabel("query MSE")

@@ -96,7 +96,7 @@ def load_split(folder: str | os.PathLike, split: str, scheme: str | None = None)
     Args:
         folder: the prepared folder (e.g. data/prepared/omniglot).
         split: train, val or test.
-        scheme: which class split (Omniglot: maml or vinyals); None: the one chosen at prepare time.
+        scheme: which class split (Omniglot: maml, vinyals or lake); None: the one chosen at prepare time.
     """
     meta = read_meta(folder)
     scheme = scheme or meta["scheme"]
