@@ -93,3 +93,34 @@ def test_one_row_per_cell_with_train_and_test_metrics_and_the_same_keys(tmp_path
     maml = next(c for c in children if c.data.tags["variant"] == "maml")
     assert "run.png" in {a.path for a in client.list_artifacts(maml.info.run_id)}
     assert maml.data.params["evaluate.inner_lr"] == "0.4" and maml.data.metrics["meta_test/checkpoint_iteration"] == 4
+
+
+@pytest.mark.slow
+def test_meta_rl_follows_the_scheme(tmp_path):
+    import mlflow
+    import yaml
+    from conftest import ROOT
+    from mamlbench.rl.pipeline import evaluate_env, train_env
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw["rl"]["navigation"] = {"horizon": 10, "hidden": [16, 16], "n_episodes": 2, "meta_batch_size": 2,
+                               "iterations": 2, "pretrain_iterations": 2,
+                               "evaluate": {"n_tasks": 2, "n_episodes": 2, "trace_episodes": 1}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    train_env(params, "navigation", tmp_path / "runs", tmp_path / "train.json")
+    summary = evaluate_env(params, "navigation", tmp_path / "runs", tmp_path / "eval.json", tmp_path / "plots")
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=raw["tracking"]["uri"])
+    experiment = client.get_experiment_by_name("mamlbench-rl")
+    found = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(found) == {"rl-maml-navigation-seed0", "rl-pretrained-navigation-seed0", "rl-all-navigation-seed0-evaluate"}
+    trained = [found[f"rl-{m}-navigation-seed0"] for m in ("maml", "pretrained")]
+    assert trained[0].data.params.keys() == trained[1].data.params.keys() and "train.max_kl" in trained[0].data.params
+    for run, policy in zip(trained, ("maml", "pretrained")):
+        assert "meta_train/return" in run.data.metrics and "returns/post_update" not in run.data.metrics
+        for step in range(4):   # the test returns on the policy's own row
+            assert run.data.metrics[f"meta_test/return_step{step}"] == pytest.approx(summary[policy][f"step_{step}"]["mean"])
+        assert "policy.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"variant", "setting", "stage", "device", "profile"} <= set(run.data.tags)
+    assert "random/meta_test/return_step1" in found["rl-all-navigation-seed0-evaluate"].data.metrics

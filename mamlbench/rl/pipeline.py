@@ -33,7 +33,8 @@ def _setup(params_path: str | Path, env: str, seed: int | None = None,
 
 
 def _logged(params: Params, env: str, p: RLEnvParams) -> dict:
-    return {"seed": params.seed, "profile": params.profile, "rl": {env: dataclasses.asdict(p)}}
+    """Flat keys as the other benchmarks log them: `train.*` is the environment's section."""
+    return {"seed": params.seed, "profile": params.profile, "env": env, "train": dataclasses.asdict(p)}
 
 
 def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_path: str | Path,
@@ -112,7 +113,8 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
         plot_training(histories, plots_dir / "training.png", f"{env}: meta-training")
         if env == "navigation":
             plot_navigation_trace(results, episodes, plots_dir / "trace.png", n=p.evaluate.trace_episodes)
-        tracker.log_metrics({f"{m}/{k}": v["mean"] for m, steps in summary.items() for k, v in steps.items()})
+        tracker.log_metrics({f"{m}/meta_test/return_step{k.split('_')[1]}": v["mean"]
+                             for m, steps in summary.items() for k, v in steps.items()})
         for name in ("adaptation.png", "training.png", "trace.png"):
             tracker.log_artifact(plots_dir / name)
         for m, steps in summary.items():  # each trained policy's row gets its test returns, under one name
