@@ -258,39 +258,41 @@ def run_loop(learner: nn.Module, optimizer: torch.optim.Optimizer, step: Callabl
 
     shown: dict[str, float] = {}   # the progress status: the newest training figure and validation figures
     stopped = "time_budget" if total < config.iterations else "iterations"
+    at = start   # the iteration under way, for the message of a signal that arrives anywhere in the loop
     with Progress(config.describe, config.iterations, start=start, enabled=progress and main) as bar:
-        for iteration in range(start, total):
-            try:
+        try:
+            for iteration in range(start, total):
+                at = iteration
                 metrics = step(iteration)
-            except Interrupted as err:
-                err.detail = f"{config.describe} stopped at iteration {iteration}{kept_checkpoint(checkpointer)}"
-                raise
-            done = iteration + 1
-            seconds = before + time.perf_counter() - began
-            # under torchrun every rank stops after the same iteration: the first clock past the budget decides
-            out_of_time = (budget_s is not None and done < total
-                           and distributed.mean_metrics({"over": float(seconds >= budget_s)})["over"] > 0)
-            if out_of_time and on_budget_stop is not None:
-                metrics = {**metrics, **on_budget_stop(done)}
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)] or exploded(metrics, config.loss_limit)
-            if bad:
-                raise TrainingDiverged(
-                    f"{config.describe}: {bad[0]} = {metrics[bad[0]]:.4g} at iteration {iteration}"
-                    + (f" ({config.setting})" if config.setting else "")
-                    + (f", past the sane bound {config.loss_limit:g}" if math.isfinite(metrics[bad[0]]) else "")
-                    + kept_checkpoint(checkpointer))
-            forced = any(k in metrics for k in config.force_log)
-            if done % config.log_every == 0 or done == total or forced or out_of_time:
-                history.append({"iteration": done, **{k: float(v) for k, v in metrics.items()}})
-                clock.append((done, round(seconds, 3)))
-                if log is not None and main:
-                    log(metrics, done)
-                first = next(iter(metrics), None)
-                shown.update({k: v for k, v in metrics.items() if k == first or k in config.force_log})
-            if done % config.checkpoint_every == 0 or done == total or out_of_time:
-                snapshot(done, out_of_time)
-            bar.update(done, status=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-            if out_of_time:
-                stopped, total = "time_budget", done
-                break
+                done = iteration + 1
+                seconds = before + time.perf_counter() - began
+                # under torchrun every rank stops after the same iteration: the first clock past the budget decides
+                out_of_time = (budget_s is not None and done < total
+                               and distributed.mean_metrics({"over": float(seconds >= budget_s)})["over"] > 0)
+                if out_of_time and on_budget_stop is not None:
+                    metrics = {**metrics, **on_budget_stop(done)}
+                bad = [k for k, v in metrics.items() if not math.isfinite(v)] or exploded(metrics, config.loss_limit)
+                if bad:
+                    raise TrainingDiverged(
+                        f"{config.describe}: {bad[0]} = {metrics[bad[0]]:.4g} at iteration {iteration}"
+                        + (f" ({config.setting})" if config.setting else "")
+                        + (f", past the sane bound {config.loss_limit:g}" if math.isfinite(metrics[bad[0]]) else "")
+                        + kept_checkpoint(checkpointer))
+                forced = any(k in metrics for k in config.force_log)
+                if done % config.log_every == 0 or done == total or forced or out_of_time:
+                    history.append({"iteration": done, **{k: float(v) for k, v in metrics.items()}})
+                    clock.append((done, round(seconds, 3)))
+                    if log is not None and main:
+                        log(metrics, done)
+                    first = next(iter(metrics), None)
+                    shown.update({k: v for k, v in metrics.items() if k == first or k in config.force_log})
+                if done % config.checkpoint_every == 0 or done == total or out_of_time:
+                    snapshot(done, out_of_time)
+                bar.update(done, status=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+                if out_of_time:
+                    stopped, total = "time_budget", done
+                    break
+        except Interrupted as err:  # in a step, a log call or a checkpoint write: the message names the iteration
+            err.detail = err.detail or f"{config.describe} stopped at iteration {at}{kept_checkpoint(checkpointer)}"
+            raise
     return LoopResult(total, history, start, seconds, stopped, clock)
