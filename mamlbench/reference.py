@@ -223,7 +223,10 @@ def _against_maml(cells: pd.DataFrame, algorithm: str, setting: str) -> str:
     a, b = folder(algorithm), folder("maml")
     if a is None or b is None:
         return "—"
-    d = paired_files(a, b)
+    try:
+        d = paired_files(a, b)
+    except ValueError:  # evaluated on another episode set: no paired difference, said so
+        return "not paired: other episodes"
     return f"{100 * d['diff']:+.2f} ± {100 * d['ci95']:.2f}"
 
 
@@ -232,7 +235,8 @@ def plot_wall_time(cells: pd.DataFrame, path: Path) -> None:
     plt = _plt()
     settings = [s for s in SETTINGS if (cells["setting"] == s).any()]
     fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(3.6 * max(len(settings), 1), 3.4), squeeze=False)
-    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    palette = plt.get_cmap("tab20").colors   # 11 variants: more than the default cycle's 10 colours
+    colors = {a: palette[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1] for i, a in enumerate(VARIANTS)}
     for ax, setting in zip(axes[0], settings):
         for algorithm, name in VARIANTS.items():
             group = cells[(cells["algorithm"] == algorithm) & (cells["setting"] == setting)].sort_values("seed")

@@ -91,6 +91,13 @@ def test_report_states_result_paper_difference_budget_and_pairing(tmp_path):
     assert "commit abcdef1234" in text and "iterations reached 40–80 (2 runs stopped by their time budget)" in text
     assert (out / "wall_time.png").stat().st_size > 0
 
+    # a cell evaluated on other episodes is not paired, and says so
+    other = runs / "omniglot" / "metasgd-5w1s-seed0"
+    _cell(runs, "metasgd-5w1s-seed0", anil, 80, 600.0, [(80, 600.0, 0.7)])
+    metrics = json.loads((other / "eval" / "metrics.json").read_text())
+    (other / "eval" / "metrics.json").write_text(json.dumps({**metrics, "episodes": "another-set"}))
+    assert "| not paired: other episodes |" in build_reference(runs, tmp_path / "with_other").read_text()
+
     # rebuilt from the copied files alone: the same bytes
     first = ((out / "README.md").read_bytes(), (out / "wall_time.png").read_bytes())
     build_reference(out / "runs", out)
