@@ -252,7 +252,12 @@ def plot_wall_time(cells: pd.DataFrame, path: Path) -> None:
             ax.axhline(paper[0], color="grey", ls="--", lw=0.8, label="MAML, paper (test)")
         ax.set(title=SETTINGS[setting], xlabel="training wall time (min)",
                ylabel="validation accuracy (%)" if setting == settings[0] else None)
-        ax.legend(fontsize=6.5, loc="lower right")
+    labels = {}   # one legend under the panels: a variant keeps its colour in every panel
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(labels), 6), fontsize=7, frameon=False)
     save_figure(fig, path)
 
 
