@@ -13,7 +13,7 @@ from pathlib import Path
 from mamlbench import distributed, fewshot, guards, sinusoid
 from mamlbench.config import Params, fewshot_cell, fewshot_train, load_params, with_seed
 from mamlbench.schema import to_dict
-from mamlbench.tracking import Tracker, find_training_run, start_run
+from mamlbench.tracking import Tracker, find_training_run, log_to_run, run_name, start_run
 from mamlbench.train import resolve_device
 
 
@@ -105,7 +105,7 @@ def evaluate_sinusoid(params_path: str | Path | Params, runs: dict[str, str | Pa
         with run as tracker:
             test = {f"meta_test/mse_{k}_{step}": v["mse"] for k, steps in ks.items() for step, v in steps.items()}
             tracker.log_metrics(test)
-            _onto_training_row(tracker, parent, test)
+            log_to_run(tracker, parent, test)  # one row per cell holds train and test
             for name in ("metrics.json", "per_task.csv", "fits.png"):
                 tracker.log_artifact(Path(out_dir) / name)
             _log_provenance(tracker, Path(out_dir) / "metrics.json")
@@ -132,15 +132,6 @@ def _check_data(params: Params, benchmark: str, setting: str, prepared: str | Pa
         guards.check_episodes_seed(load_torch(path), params.data.episodes.seed, path)
 
 
-DEFAULT_PROFILE = "quick"  # params.yaml's own profile: run names say the profile only when it is another
-
-
-def run_name(params: Params, benchmark: str, variant: str, setting: str) -> str:
-    """One MLflow naming scheme for every benchmark: <benchmark>-<variant>-<setting>-seed<k>[-<profile>]."""
-    name = f"{benchmark}-{variant}-{setting}-seed{params.seed}"
-    return name if params.profile == DEFAULT_PROFILE else f"{name}-{params.profile}"
-
-
 def _evaluation_run(params: Params, benchmark: str, variant: str, setting: str, run_dir: str | Path,
                     logged: dict, device) -> tuple:
     """(the training run's id or None, the context of the evaluation run nested under it)."""
@@ -150,10 +141,6 @@ def _evaluation_run(params: Params, benchmark: str, variant: str, setting: str, 
                              tags=tags, log_params=logged, parent_run_id=parent)
 
 
-def _onto_training_row(tracker: Tracker, parent: str | None, metrics: dict[str, float]) -> None:
-    """The test metrics on the training run too: one row per cell holds train and test."""
-    if parent is not None and tracker.client is not None:
-        Tracker(tracker.client, parent).log_metrics(metrics)
 
 
 def train_fewshot(params_path: str | Path | Params, benchmark: str, algorithm: str, setting: str, run_dir: str | Path, *,
@@ -219,7 +206,7 @@ def evaluate_fewshot(params_path: str | Path | Params, benchmark: str, algorithm
         test = {"meta_test/acc": metrics["acc"], "meta_test/ci95": metrics["ci95"],
                 "meta_test/checkpoint_iteration": metrics["checkpoint_iteration"]}
         tracker.log_metrics(test)
-        _onto_training_row(tracker, parent, test)
+        log_to_run(tracker, parent, test)  # one row per cell holds train and test
         for step, value in enumerate(metrics["per_step"].values()):
             tracker.log_metrics({"meta_test/acc_by_step": value["acc"]}, step=step)
         if tracker.client is not None and (Path(run_dir) / "curve.csv").is_file():

@@ -141,6 +141,21 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+DEFAULT_PROFILE = "quick"  # params.yaml's own profile: run names say the profile only when it is another
+
+
+def run_name(params: Params, benchmark: str, variant: str, setting: str) -> str:
+    """One MLflow naming scheme for every benchmark: <benchmark>-<variant>-<setting>-seed<k>[-<profile>]."""
+    name = f"{benchmark}-{variant}-{setting}-seed{params.seed}"
+    return name if params.profile == DEFAULT_PROFILE else f"{name}-{params.profile}"
+
+
+def log_to_run(tracker: "Tracker", run_id: str | None, metrics: dict[str, float]) -> None:
+    """Metrics onto another run of the same store (an evaluation's test metrics on its training run's row)."""
+    if run_id is not None and tracker.client is not None:
+        Tracker(tracker.client, run_id).log_metrics(metrics)
+
+
 def find_training_run(params: Params, benchmark: str, run_dir: str | Path, root: str | Path = ".") -> str | None:
     """The id of the newest MLflow run that trained `run_dir` (its `run_dir` tag), so that an evaluation
     nests under it and puts its test metrics on its row; None when tracking is off or it is not found."""

@@ -18,7 +18,7 @@ from mamlbench.config import Params, load_params
 from mamlbench.io import write_json, write_text
 from mamlbench.provenance import identity, record
 from mamlbench.rl.params import RLEnvParams
-from mamlbench.tracking import Tracker, find_training_run, start_run
+from mamlbench.tracking import find_training_run, log_to_run, run_name, start_run
 
 MODELS = ("maml", "pretrained")
 Progress = Callable[[str, int, int], None]   # (label, done, total)
@@ -50,7 +50,7 @@ def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_pa
     for model in MODELS:
         run_dir = Path(out_dir) / model
         run_id = checkpoint_extra(env, p, params.seed, run_dir, model == "pretrained").get("mlflow_run_id")
-        with start_run(params, "rl", run_name(params, model, env), run_id=run_id,
+        with start_run(params, "rl", run_name(params, "rl", model, env), run_id=run_id,
                        tags={"env": env, "variant": model, "setting": env, "stage": "rl-train", "device": "cpu",
                              "run_dir": run_dir.resolve()},
                        log_params=_logged(params, env, p)) as tracker:
@@ -90,7 +90,7 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
     policies["random"] = make_policy(probe.mu[0].in_features, probe.log_std.numel(), p.hidden, params.seed)
     plots_dir = Path(plots_dir)
     parents = {m: find_training_run(params, "rl", Path(runs_dir) / m) for m in MODELS}
-    with start_run(params, "rl", run_name(params, "all", env) + "-evaluate",
+    with start_run(params, "rl", run_name(params, "rl", "all", env) + "-evaluate",
                    tags={"env": env, "stage": "rl-evaluate", "device": "cpu"},
                    log_params=_logged(params, env, p)) as tracker:
         results, episodes = evaluate(env, policies, p)
@@ -118,9 +118,8 @@ def evaluate_env(params_path: str | Path, env: str, runs_dir: str | Path, metric
         for name in ("adaptation.png", "training.png", "trace.png"):
             tracker.log_artifact(plots_dir / name)
         for m, steps in summary.items():  # each trained policy's row gets its test returns, under one name
-            if parents.get(m) is not None and tracker.client is not None:
-                Tracker(tracker.client, parents[m]).log_metrics(
-                    {f"meta_test/return_step{k.split('_')[1]}": v["mean"] for k, v in steps.items()})
+            log_to_run(tracker, parents.get(m),
+                       {f"meta_test/return_step{k.split('_')[1]}": v["mean"] for k, v in steps.items()})
     return summary
 
 
@@ -137,8 +136,3 @@ def mlflow_names(metrics: dict[str, float]) -> dict[str, float]:
             out["meta_train/" + key.replace("/", "_")] = value
     return out
 
-
-def run_name(params: Params, policy: str, env: str) -> str:
-    """rl-<policy>-<env>-seed<k>[-<profile>]: the naming of the other benchmarks' runs."""
-    name = f"rl-{policy}-{env}-seed{params.seed}"
-    return name if params.profile == "quick" else f"{name}-{params.profile}"
