@@ -172,7 +172,10 @@ def table_one(cells: pd.DataFrame) -> pd.DataFrame:
 def budget_table(cells: pd.DataFrame, runs: Path) -> pd.DataFrame:
     """Per cell: what it was given and what it reached, and the paired difference against MAML."""
     rows = []
-    for (algorithm, setting), group in cells.groupby(["algorithm", "setting"], sort=False):
+    rank = {a: i for i, a in enumerate(VARIANTS)}   # the page's order: setting, then the variant's row
+    groups = sorted(cells.groupby(["algorithm", "setting"], sort=False),
+                    key=lambda g: (list(SETTINGS).index(g[0][1]), rank.get(g[0][0], len(rank))))
+    for (algorithm, setting), group in groups:
         group = group.sort_values("seed")
         paper = _paper(algorithm, setting)
         done = group.dropna(subset=["acc"])
@@ -195,13 +198,7 @@ def budget_table(cells: pd.DataFrame, runs: Path) -> pd.DataFrame:
             "tested": _tested(done),
             "load, start → end": " / ".join(machine_load(runs, algorithm, setting, s) for s in group["seed"]),
         })
-    order = {a: i for i, a in enumerate(VARIANTS)}
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    key = frame.apply(lambda r: (list(SETTINGS).index(r["setting"]),
-                                 order.get(next((a for a, n in VARIANTS.items() if n == r["variant"]), ""), 99)), axis=1)
-    return frame.loc[key.sort_values().index].reset_index(drop=True)
+    return pd.DataFrame(rows)
 
 
 def _tested(done: pd.DataFrame) -> str:
