@@ -22,7 +22,7 @@ app = typer.Typer(help="Reproduce, compare and tune MAML-family meta-learning.",
 app.add_typer(data_app, name="data")
 app.add_typer(rl_app, name="rl")
 
-BENCHMARKS = ("sinusoid", "omniglot", "mini_imagenet")
+BENCHMARKS = ("sinusoid", "omniglot", "mini_imagenet", "imagefolder")
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (validated before any work).")
 ProfileOpt = typer.Option(None, "--profile", help="Use this entry of `profiles` instead of the file's `profile`.")
 AlgorithmOpt = typer.Option("maml", "--algorithm", "-a", help="Few-shot: maml, fomaml, reptile, anil, metasgd, mamlpp, "
@@ -39,12 +39,13 @@ def _check_benchmark(name: str) -> None:
 
 
 def _data_dirs(benchmark: str, prepared: Optional[Path], episodes: Optional[Path]) -> tuple[Path, Path]:
-    dataset = "mini-imagenet" if benchmark == "mini_imagenet" else benchmark
+    from mamlbench.fewshot import dataset_name
+    dataset = dataset_name(benchmark)
     return prepared or Path("data/prepared") / dataset, episodes or Path("data/episodes") / dataset
 
 
 @app.command()
-def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_imagenet."),
+def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot, mini_imagenet or imagefolder (your class folders: data.imagefolder)."),
           params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
           model: str = typer.Option("maml", help="Sinusoid: maml (the algorithm in params) or pretrain (the baseline)."),
           algorithm: str = AlgorithmOpt, setting: str = SettingOpt,
@@ -74,7 +75,7 @@ def train(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_
 
 
 @app.command()
-def evaluate(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mini_imagenet."),
+def evaluate(benchmark: str = typer.Argument(..., help="sinusoid, omniglot, mini_imagenet or imagefolder (your class folders: data.imagefolder)."),
              params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
              algorithm: str = AlgorithmOpt, setting: str = SettingOpt,
              runs_dir: Optional[Path] = typer.Option(None, "--runs", help="Sinusoid: folder holding <model>/model.pt "
@@ -107,7 +108,7 @@ def evaluate(benchmark: str = typer.Argument(..., help="sinusoid, omniglot or mi
 
 
 @app.command()
-def tune(benchmark: str = typer.Argument("omniglot", help="omniglot or mini_imagenet."),
+def tune(benchmark: str = typer.Argument("omniglot", help="omniglot, mini_imagenet or imagefolder."),
          params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
          algorithm: str = AlgorithmOpt, setting: str = SettingOpt, seed: Optional[int] = SeedOpt,
          n_trials: Optional[int] = typer.Option(None, help="Trials this process runs \\[tune.n_trials]."),

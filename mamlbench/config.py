@@ -252,6 +252,7 @@ def _variant(name: str, options: type) -> type:
         ("options", options, section(options)),
         ("omniglot", VariantBenchmark, section(VariantBenchmark)),
         ("mini_imagenet", VariantBenchmark, section(VariantBenchmark)),
+        ("imagefolder", VariantBenchmark, section(VariantBenchmark)),
     ], frozen=True)
 
 
@@ -310,7 +311,7 @@ class TuneSpace:
 
 @dataclass(frozen=True)
 class TuneCell:
-    benchmark: Literal["omniglot", "mini_imagenet"] = knob("omniglot", "Few-shot benchmark.")
+    benchmark: Literal["omniglot", "mini_imagenet", "imagefolder"] = knob("omniglot", "Few-shot benchmark.")
     algorithm: str = knob("maml", "Variant.", choices=["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"])
     setting: str = knob("5w1s", "A key of <benchmark>.settings.")
 
@@ -356,6 +357,7 @@ class Params:
     sinusoid: SinusoidParams = section(SinusoidParams)
     omniglot: FewShotParams = section(FewShotParams)
     mini_imagenet: FewShotParams = section(FewShotParams)
+    imagefolder: FewShotParams = dataclasses.field(default_factory=lambda: _imagefolder_default())
     variants: VariantsParams = section(VariantsParams)
     data: DataParams = section(DataParams)
     rl: RLParams = section(RLParams)
@@ -376,6 +378,9 @@ class Params:
             if cell.setting not in getattr(self, cell.benchmark).settings:
                 raise ConfigError(f"tune.cells[{i}].setting = {cell.setting!r}: not a key of {cell.benchmark}.settings "
                                   f"(have: {', '.join(getattr(self, cell.benchmark).settings) or 'none'})")
+        if self.imagefolder.run.algorithms and self.imagefolder.run.settings and "imagefolder" not in self.data.opt_in:
+            raise ConfigError("imagefolder.run lists cells but data.opt_in lacks imagefolder: add it, so that "
+                              "`dvc repro` downloads, prepares and episodizes data.imagefolder.source")
 
     def _check_cells(self, benchmark: str) -> None:
         """Cells must be drawable from the dataset: K plus the queries of training (any variant's) and
@@ -387,6 +392,8 @@ class Params:
         if benchmark == "omniglot":
             data = self.data.omniglot
             n_train, per_class = (data.split_sizes()["train"] if _full(data.archives) else None), OMNIGLOT_DRAWERS
+        elif benchmark == "imagefolder":  # class counts are known at prepare time; per_class when stated
+            n_train, per_class = None, self.data.imagefolder.per_class
         else:
             n_train, per_class = RAVI_SIZES["train"], RAVI_PER_CLASS
         trained = set(bench.run.settings) | {c.setting for c in self.tune.cells if c.benchmark == benchmark}
@@ -396,12 +403,23 @@ class Params:
                 raise ConfigError(f"{where}.n_way = {cell.n_way}: more than the {n_train} classes of split 'train'")
             cells = [fewshot_cell(self, benchmark, a, name).train for a in VARIANTS]
             drawn = max([cell.k_shot + cell.n_query] + [(t.k_shot or cell.k_shot) + t.n_query for t in cells])
-            if drawn > per_class:
+            if per_class is not None and drawn > per_class:
                 raise ConfigError(f"{where}: support + query images per class = {drawn} > {per_class} images per class "
                                   f"(k_shot + n_query, or a variant's train.k_shot + train.n_query)")
 
 
-FEWSHOT = ("omniglot", "mini_imagenet")
+FEWSHOT = ("omniglot", "mini_imagenet", "imagefolder")
+
+
+def _imagefolder_default() -> FewShotParams:
+    """Your own folder of class folders (data.imagefolder): off until `run` lists cells; mini-ImageNet's
+    network and MAML protocol, as the repository's params.yaml states them."""
+    return FewShotParams(
+        model="conv4_miniimagenet", run=RunParams(algorithms=[], settings=["5w1s"]),
+        settings={"5w1s": SettingParams(5, 1, 1), "5w5s": SettingParams(5, 5, 5)},
+        train=build(FewShotTrainParams, {"inner_lr": 0.01, "inner_steps": 5, "meta_batch_size": 4, "n_query": 15,
+                                         "grad_clip_value": 10, "validate_every": 500}, "imagefolder.train"),
+        evaluate=build(FewShotEvalParams, {"inner_steps": 10, "checkpoint": "final"}, "imagefolder.evaluate"))
 
 
 @dataclass(frozen=True)
@@ -460,7 +478,7 @@ def fewshot_train(params: Params, benchmark: str, algorithm: str, setting: str) 
 
 
 # Keys dvc.yaml's matrix/foreach read from params.yaml itself: a profile's value would go unseen by DVC.
-PIPELINE_SHAPE = ("seeds", "omniglot.run", "mini_imagenet.run", "rl.envs", "tune.cells", "data.opt_in")
+PIPELINE_SHAPE = ("seeds", "omniglot.run", "mini_imagenet.run", "imagefolder.run", "rl.envs", "tune.cells", "data.opt_in")
 
 
 def apply_profile(raw: dict) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mamlbench.config import Params, fewshot_train
+from mamlbench.config import FEWSHOT, Params, fewshot_train
 from mamlbench.guards import read_json
 from mamlbench.io import atomic_path, write_json, write_text
 from mamlbench.stats import mean_ci95
@@ -316,12 +316,12 @@ def plot_steps(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) ->
 
 
 def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -> list[str]:
-    title = {"omniglot": "Omniglot", "mini_imagenet": "mini-ImageNet"}[benchmark]
+    title = {"omniglot": "Omniglot", "mini_imagenet": "mini-ImageNet", "imagefolder": "Your ImageFolder dataset"}[benchmark]
     cells = fewshot_cells(params, benchmark, runs)
     lines = [f"## {title}", ""]
     if cells.empty:
         papers = PAPER.get(benchmark, {})
-        lines += ["Not run with these params" + (" (opt in: `data.opt_in`)." if benchmark == "mini_imagenet" else "."),
+        lines += ["Not run with these params" + (" (opt in: `data.opt_in`)." if benchmark != "omniglot" else "."),
                   "Published: " + "; ".join(f"{a} {s} {v[0]}" for (a, s), v in papers.items()) + ".", ""]
         return lines
     lines += ["Test accuracy on the fixed test episodes after each variant's test-time inner steps, from the "
@@ -451,7 +451,7 @@ def headline_metrics(params: Params, runs: Path) -> dict[str, dict[str, float]]:
     """{"<benchmark>/<cell>": {metric: value}}: one small file per cell for `dvc metrics` and `dvc exp show`,
     named as the MLflow runs and their test metrics are (`meta_test/...`)."""
     found: dict[str, dict[str, float]] = {}
-    for benchmark in ("omniglot", "mini_imagenet"):
+    for benchmark in FEWSHOT:
         for row in fewshot_cells(params, benchmark, runs).itertuples():
             found[f"{benchmark}/{row.algorithm}-{row.setting}-seed{row.seed}"] = {
                 "meta_test/acc": round(float(row.acc), 6), "meta_test/ci95": round(float(row.ci95), 6)}
@@ -554,5 +554,7 @@ def _report_text(params: Params, runs: Path, figures: Path) -> str:
     lines += sinusoid_section(params, runs, figures)
     lines += fewshot_section(params, "omniglot", runs, figures)
     lines += fewshot_section(params, "mini_imagenet", runs, figures)
+    if params.imagefolder.run.algorithms or (runs / "imagefolder").is_dir():
+        lines += fewshot_section(params, "imagefolder", runs, figures)
     lines += rl_section(params, runs, figures)
     return "\n".join(lines).rstrip() + "\n"

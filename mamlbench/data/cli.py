@@ -21,7 +21,8 @@ PARAMS = typer.Option("params.yaml", "--params", help="The params file to read t
 
 @app.command()
 def download(dataset: str, out: Path, params: Path = PARAMS):
-    """Fetch, verify and extract DATASET's archives into OUT (mini-ImageNet: locate your copy)."""
+    """Fetch, verify and extract DATASET's archives into OUT (omniglot, mini-imagenet: locate your copy,
+    imagefolder: locate data.imagefolder.source, or fetch and extract it when it is an archive)."""
     from mamlbench.data.pipeline import run_download
     run_download(dataset, out, load_params(params).data)
 

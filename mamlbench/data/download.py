@@ -82,7 +82,9 @@ def read_md5sums(folder: Path) -> dict[str, str]:
     return sums
 
 
-def _verify(path: Path, expected: str, name: str) -> None:
+def _verify(path: Path, expected: str | None, name: str) -> None:
+    if expected is None:  # a user's archive given without an md5: its md5 is recorded instead
+        return
     actual = file_digest(path, "md5")
     if actual != expected:
         path.unlink(missing_ok=True)
@@ -133,7 +135,7 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: Progress) -> Non
             raise _Retryable(f"connection dropped at byte {written} of {total}")
 
 
-def http_download(url: str, dest: str | os.PathLike, md5: str, *, retries: int = 4, backoff: float = 1.0,
+def http_download(url: str, dest: str | os.PathLike, md5: str | None, *, retries: int = 4, backoff: float = 1.0,
                   timeout: float = 60.0) -> Path:
     """Download `url` to `dest` atomically, resuming and retrying with back-off, then check `md5`.
 
@@ -158,7 +160,7 @@ def http_download(url: str, dest: str | os.PathLike, md5: str, *, retries: int =
     return dest
 
 
-def copy_from_mirror(src: Path, dest: Path, md5: str) -> Path:
+def copy_from_mirror(src: Path, dest: Path, md5: str | None) -> Path:
     """Copy a mirror file to `dest` atomically and check it against the mirror's md5."""
     if not src.is_file():
         raise DataError(f"mirror file missing: {src}")

@@ -104,6 +104,35 @@ class MiniImageNetParams:
         _check_settings(self.episodes, RAVI_SIZES, RAVI_PER_CLASS, f"{where}.episodes")
 
 
+@dataclass(frozen=True)
+class ImageFolderParams:
+    """A folder of class folders (`mamlbench.data.imagefolder`): where, at what size, split how."""
+    source: str | None = knob(None, "A folder of class folders (<class>/<image>), or a .zip/.tar(.gz) archive holding "
+                                    "one (a path or an http(s) URL). null: <mirror>/imagefolder.")
+    md5: str | None = knob(None, "md5 of the archive; null: not checked (the md5 found is recorded in source.json).")
+    subfolder: str | None = knob(None, "Path of the class folders inside source (CUB: CUB_200_2011/images); null: "
+                                       "source itself, or an archive's single top folder.")
+    image_size: int = knob(84, "Side of the square prepared images (resized, not cropped).", ge=8)
+    channels: Literal[1, 3] = knob(3, "1: greyscale, 3: RGB.")
+    per_class: int | None = knob(None, "Images kept per class (the first in file-name order); null: the smallest "
+                                       "class's count. A class with fewer stops the prepare stage.", ge=2)
+    class_lists: dict[str, str] = knob({}, "Split by lists: {train: file, val: file, test: file}, one class-folder "
+                                           "name per line. Empty: split by fractions.")
+    fractions: list[float] = knob([0.64, 0.16], "Meta-train and meta-val shares of the classes, the rest meta-test "
+                                                "(mini-ImageNet's 64/16/20).", gt=0, lt=1)
+    split_seed: int = knob(0, "Seed of the shuffle the fractions cut.", ge=0)
+    episodes: list[EpisodeSetting] = knob(_settings((5, 1, 1), (5, 5, 5), (5, 1, 15), (5, 5, 15)),
+                                          "Evaluation settings with fixed episodes.")
+
+    def validate(self, where: str) -> None:
+        if self.class_lists and set(self.class_lists) != set(SPLITS):
+            raise ConfigError(f"{where}.class_lists: keys {sorted(self.class_lists)}, expected train, val, test")
+        if len(self.fractions) != 2 or sum(self.fractions) >= 1:
+            raise ConfigError(f"{where}.fractions = {self.fractions}: expected [train, val] summing below 1 "
+                              f"(the rest is meta-test)")
+        _check_settings(self.episodes, None, self.per_class or 10**9, f"{where}.episodes")
+
+
 def _check_settings(settings, sizes: dict[str, int] | None, per_class: int, where: str) -> None:
     for i, s in enumerate(settings):
         if s.k_shot + s.n_query > per_class:
@@ -126,11 +155,14 @@ class DataParams:
     mirror: str = knob("auto", "Where archives come from: auto (env MAMLBENCH_DATA_MIRROR, else ../shared/data "
                                "beside the project when present, else the official URLs), off (official URLs), "
                                "or a folder laid out <mirror>/<dataset>/<file> with an MD5SUMS file.")
-    opt_in: list[Literal["mini-imagenet"]] = knob([], "Datasets beyond Omniglot that `dvc repro` builds: mini-imagenet needs "
-                                     "images you supply (data.mini_imagenet.source).")
+    opt_in: list[Literal["mini-imagenet", "imagefolder"]] = knob(
+        [], "Datasets beyond Omniglot that `dvc repro` builds: mini-imagenet needs images you supply "
+            "(data.mini_imagenet.source); imagefolder is your folder of class folders (data.imagefolder.source).")
     omniglot: OmniglotParams = section(OmniglotParams)
     mini_imagenet: MiniImageNetParams = section(MiniImageNetParams)
+    imagefolder: ImageFolderParams = section(ImageFolderParams)
     episodes: EpisodesParams = section(EpisodesParams)
 
     def settings(self, dataset: str) -> list[EpisodeSetting]:
-        return self.omniglot.episodes if dataset == "omniglot" else self.mini_imagenet.episodes
+        return {"omniglot": self.omniglot, "mini-imagenet": self.mini_imagenet,
+                "imagefolder": self.imagefolder}[dataset].episodes

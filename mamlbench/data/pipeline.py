@@ -9,12 +9,13 @@ from pathlib import Path
 
 from mamlbench.data.download import download_mini_imagenet, download_omniglot, resolve_mirror
 from mamlbench.data.episodes import episodize
+from mamlbench.data.imagefolder import locate_imagefolder, prepare_imagefolder
 from mamlbench.data.errors import DataError
 from mamlbench.data.miniimagenet import prepare_mini_imagenet
 from mamlbench.data.omniglot import prepare_omniglot
 from mamlbench.data.params import DataParams
 
-DATASETS = ("omniglot", "mini-imagenet")
+DATASETS = ("omniglot", "mini-imagenet", "imagefolder")
 
 
 def _check(dataset: str) -> None:
@@ -23,11 +24,15 @@ def _check(dataset: str) -> None:
 
 
 def run_download(dataset: str, out: str | os.PathLike, data: DataParams, root: str | os.PathLike = ".") -> None:
-    """Fetch and extract (Omniglot) or locate (mini-ImageNet) the raw data into `out`."""
+    """Fetch and extract (Omniglot, an ImageFolder archive) or locate (mini-ImageNet, an ImageFolder
+    folder) the raw data into `out`."""
     _check(dataset)
     mirror = resolve_mirror(data.mirror, root)
     if dataset == "omniglot":
         download_omniglot(out, data.omniglot.archives, mirror)
+    elif dataset == "imagefolder":
+        f = data.imagefolder
+        locate_imagefolder(out, f.source, f.md5, f.subfolder, mirror)
     else:
         download_mini_imagenet(out, data.mini_imagenet.source, mirror)
 
@@ -43,7 +48,12 @@ def run_prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, da
                                 lake_val_alphabets=p.lake_val_alphabets)
     source_file = Path(raw) / "source.json"
     if not source_file.is_file():
-        raise DataError(f"{source_file}: missing (run the download stage for mini-imagenet first)")
+        raise DataError(f"{source_file}: missing (run the download stage for {dataset} first)")
+    if dataset == "imagefolder":
+        f = data.imagefolder
+        return prepare_imagefolder(json.loads(source_file.read_text()), out, image_size=f.image_size,
+                                   channels=f.channels, per_class=f.per_class, class_lists=f.class_lists,
+                                   fractions=f.fractions, split_seed=f.split_seed)
     return prepare_mini_imagenet(json.loads(source_file.read_text()), out, image_size=data.mini_imagenet.image_size)
 
 
