@@ -173,6 +173,29 @@ def test_time_budget_stops_training_and_sizes_the_baseline(tmp_path):
     assert len(json.loads((tmp_path / "runs" / "maml" / "history.json").read_text())) == 1
 
 
+def test_maml_and_the_baseline_trained_in_two_processes_equal_one(tmp_path):
+    """`rl train --only maml` then `--only pretrained` (two workers side by side) is the run of one
+    `rl train`; under a time budget the baseline needs MAML's reached iterations, so it refuses to go first."""
+    from mamlbench.rl.pipeline import train_env
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["tracking"]["enabled"] = False
+    raw["rl"]["navigation"] = {"horizon": 10, "hidden": [16, 16], "n_episodes": 2, "meta_batch_size": 2,
+                               "iterations": 2, "pretrain_iterations": 2}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    both = train_env(params, "navigation", tmp_path / "one", tmp_path / "one.json")
+    split = {**train_env(params, "navigation", tmp_path / "two", tmp_path / "a.json", models=("pretrained",)),
+             **train_env(params, "navigation", tmp_path / "two", tmp_path / "b.json", models=("maml",))}
+    assert split == both
+    for model in ("maml", "pretrained"):
+        assert ((tmp_path / "one" / model / "history.json").read_text()
+                == (tmp_path / "two" / model / "history.json").read_text())
+    raw["rl"]["navigation"]["time_budget_minutes"] = 1.0
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"maml/history.json: missing; .* train maml first"):
+        train_env(params, "navigation", tmp_path / "three", tmp_path / "c.json", models=("pretrained",))
+
+
 @pytest.mark.slow
 def test_navigation_meta_training_beats_pre_adaptation_and_pretrained(tmp_path):
     """Quick-profile MAML-TRPO on 2D navigation (scaled down to ~3 minutes on one core)."""

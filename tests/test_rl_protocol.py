@@ -45,7 +45,7 @@ def test_policy_std_is_floored_at_1e_6():
     assert grad.tolist() == [0.0, 5.0]    # below the floor the std no longer moves (tf.maximum's gradient)
 
 
-@pytest.mark.parametrize("profile", ["quick", "paper"])
+@pytest.mark.parametrize("profile", ["quick", "paper", "rl_reference"])
 def test_baselines_get_the_meta_training_budget(profile):
     """The paper compares MAML and the pretrained baseline at equal budgets (the issue's point 7)."""
     params = load_params(ROOT / "params.yaml", profile=profile)
@@ -57,7 +57,7 @@ def test_baselines_get_the_meta_training_budget(profile):
         assert p.pretrain_iterations == p.iterations, env
 
 
-@pytest.mark.parametrize("profile", ["quick", "paper"])
+@pytest.mark.parametrize("profile", ["quick", "paper", "rl_reference"])
 def test_profiles_use_the_reference_trpo_and_dynamics(profile):
     p = load_params(ROOT / "params.yaml", profile=profile).rl
     for env in ENV_NAMES:

@@ -38,14 +38,18 @@ def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, half
           out: Path = typer.Option(None, help="Run folder; maml/ and pretrained/ go inside \\[runs/rl/<env>]."),
           metrics: Path = typer.Option(None, help="Final training metrics JSON \\[<out>/train.json]."),
           progress: bool = typer.Option(True, help="Show a progress bar."), seed: int = SeedOpt,
-          profile: str = ProfileOpt) -> None:
+          profile: str = ProfileOpt,
+          only: str = typer.Option(None, help="maml or pretrained: train one of the two (two processes side by "
+                                              "side; under a time budget, maml first)."),
+          ) -> None:
     """Meta-train MAML-TRPO and the pretrained baseline, resuming from checkpoints."""
-    from mamlbench.rl.pipeline import train_env
+    from mamlbench.rl.pipeline import MODELS, train_env
     _check_env(env)
+    models = MODELS if only is None else (only,)
     out = out or Path("runs/rl") / env
     metrics = metrics or out / "train.json"
     if not progress:
-        summary = train_env(params, env, out, metrics, seed=seed, profile=profile)
+        summary = train_env(params, env, out, metrics, seed=seed, profile=profile, models=models)
     else:
         from mamlbench.progress import Progress
         bars: dict[str, Progress] = {}
@@ -57,7 +61,7 @@ def train(env: str = typer.Argument(..., help="navigation, halfcheetah_dir, half
                 bars[label] = Progress(label, total, start=done - 1)
             bars[label].update(done)
         try:
-            summary = train_env(params, env, out, metrics, progress=update, seed=seed, profile=profile)
+            summary = train_env(params, env, out, metrics, progress=update, seed=seed, profile=profile, models=models)
         finally:
             for bar in bars.values():
                 bar.close()
@@ -82,3 +86,14 @@ def evaluate(env: str = typer.Argument(..., help="An environment trained with `m
     typer.echo(f"{'policy':<12}" + "".join(f"{s:>18}" for s in steps))
     for model, by_step in summary.items():
         typer.echo(f"{model:<12}" + "".join(f"{v['mean']:>10.2f} ± {v['ci95']:<5.2f}" for v in by_step.values()))
+
+
+@app.command()
+def report(runs: Path = typer.Option(None, help="Root of the reference runs (<runs>/rl/<env>/, <runs>/logs/); "
+                                                "omitted: rebuild from the copies under --out."),
+           out: Path = typer.Option(Path("reports/rl"), help="Page and figures: <out>/README.md, <out>/<env>/."),
+           params: Path = ParamsOpt,
+           note: Path = typer.Option(None, help="A markdown note placed under the page's introduction.")) -> None:
+    """The meta-RL reference page: fig. 5 per task family with its budget, paired against the baselines."""
+    from mamlbench.rl_report import build_rl_report
+    typer.echo(build_rl_report(out, runs, params, note))

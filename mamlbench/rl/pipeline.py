@@ -38,16 +38,28 @@ def _logged(params: Params, env: str, p: RLEnvParams) -> dict:
 
 
 def train_env(params_path: str | Path, env: str, out_dir: str | Path, metrics_path: str | Path,
-              progress: Progress | None = None, seed: int | None = None, profile: str | None = None) -> dict:
+              progress: Progress | None = None, seed: int | None = None, profile: str | None = None,
+              models: tuple[str, ...] = MODELS) -> dict:
     """Meta-train MAML-TRPO and the pretrained baseline on `env` into out_dir/{maml,pretrained}/.
 
     Each is its own MLflow run (`rl-<model>-<env>-seed<k>`, the scheme of every benchmark), reopened
-    when resuming. Writes the last iteration's metrics of both to `metrics_path`.
+    when resuming. Writes the last iteration's metrics of those trained to `metrics_path`. `models`
+    picks one of the two, so they can train side by side in two processes; under a time budget the
+    pretrained baseline's iterations are those MAML reached, so MAML must have trained first.
     """
     from mamlbench.rl.train import checkpoint_extra, provenance, train
     params, p = _setup(params_path, env, seed, profile)
+    unknown = set(models) - set(MODELS)
+    if unknown or not models:
+        raise ValueError(f"models = {list(models)}: expected maml and/or pretrained")
     summary, reached, records = {}, None, {}
-    for model in MODELS:
+    maml_history = Path(out_dir) / "maml" / "history.json"
+    if "maml" not in models and p.time_budget_minutes:
+        if not maml_history.is_file():
+            raise ValueError(f"{maml_history}: missing; under rl.{env}.time_budget_minutes the pretrained baseline "
+                             f"trains for MAML's iterations, so train maml first")
+        reached = len(json.loads(maml_history.read_text()))
+    for model in models:
         run_dir = Path(out_dir) / model
         run_id = checkpoint_extra(env, p, params.seed, run_dir, model == "pretrained").get("mlflow_run_id")
         with start_run(params, "rl", run_name(params, "rl", model, env), run_id=run_id,
