@@ -26,7 +26,9 @@ from mamlbench.stats import mean_ci95
 # Published accuracies (%, ± 95% CI where given) on the benchmarks' own protocols.
 # Omniglot and mini-ImageNet: Finn et al. 2017 table 1 (MAML, "first order approx."); Nichol et al.
 # 2018 table 1/2 (Reptile, transductive as our BatchNorm is); Li et al. 2017 table 1 (Meta-SGD);
-# Antoniou et al. 2019 tables 1/2 (MAML++); Raghu et al. 2020 table 2 (ANIL, mini-ImageNet).
+# Antoniou et al. 2019 tables 1/2 (MAML++); Raghu et al. 2020 table 2 (ANIL, mini-ImageNet); Snell et
+# al. 2017 tables 1/2 (Prototypical Networks); Rajeswaran et al. 2019 table 2 ("iMAML, GD": gradient
+# descent in the inner loop, as ours).
 PAPER: dict[str, dict[tuple[str, str], tuple[float, float | None]]] = {
     "omniglot": {
         ("maml", "5w1s"): (98.7, 0.4), ("maml", "5w5s"): (99.9, 0.1),
@@ -39,6 +41,10 @@ PAPER: dict[str, dict[tuple[str, str], tuple[float, float | None]]] = {
         ("metasgd", "20w1s"): (95.93, 0.38), ("metasgd", "20w5s"): (98.97, 0.19),
         ("mamlpp", "5w1s"): (99.47, None), ("mamlpp", "5w5s"): (99.93, None),
         ("mamlpp", "20w1s"): (97.65, 0.05), ("mamlpp", "20w5s"): (99.33, 0.03),
+        ("protonet", "5w1s"): (98.8, None), ("protonet", "5w5s"): (99.7, None),
+        ("protonet", "20w1s"): (96.0, None), ("protonet", "20w5s"): (98.9, None),
+        ("imaml", "5w1s"): (99.16, 0.35), ("imaml", "5w5s"): (99.67, 0.12),
+        ("imaml", "20w1s"): (94.46, 0.42), ("imaml", "20w5s"): (98.69, 0.1),
     },
     "mini_imagenet": {
         ("maml", "5w1s"): (48.70, 1.84), ("maml", "5w5s"): (63.11, 0.92),
@@ -47,6 +53,7 @@ PAPER: dict[str, dict[tuple[str, str], tuple[float, float | None]]] = {
         ("metasgd", "5w1s"): (50.47, 1.87), ("metasgd", "5w5s"): (64.03, 0.94),
         ("mamlpp", "5w1s"): (52.15, 0.26), ("mamlpp", "5w5s"): (68.32, 0.44),
         ("anil", "5w1s"): (46.7, 0.4), ("anil", "5w5s"): (61.5, 0.5),
+        ("protonet", "5w1s"): (49.42, 0.78), ("protonet", "5w5s"): (68.20, 0.66),
     },
 }
 BASELINE = "maml"   # paired comparisons are against this variant
@@ -549,7 +556,7 @@ def _report_text(params: Params, runs: Path, figures: Path) -> str:
              f"`{params.profile}`, seeds {params.seeds}. Accuracies in %; `±` is a 95% confidence interval. "
              "Paper numbers: Finn et al. 2017 (MAML, first-order MAML), Nichol et al. 2018 (Reptile, "
              "transductive), Li et al. 2017 (Meta-SGD), Antoniou et al. 2019 (MAML++), Raghu et al. 2020 "
-             "(ANIL); — where the paper gives none for that cell. Budgets of a short profile are far below the "
+             "(ANIL), Snell et al. 2017 (Prototypical Networks), Rajeswaran et al. 2019 (iMAML, GD); — where the paper gives none for that cell. Budgets of a short profile are far below the "
              "papers' (60 000 meta-updates), so differences to the paper measure the budget, not the method.", ""]
     lines += sinusoid_section(params, runs, figures)
     lines += fewshot_section(params, "omniglot", runs, figures)
