@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from mamlbench.config import FEWSHOT
 from mamlbench.data.cli import app as data_app
 from mamlbench.rl.cli import app as rl_app
 from mamlbench.schema import ConfigError
@@ -22,7 +23,7 @@ app = typer.Typer(help="Reproduce, compare and tune MAML-family meta-learning.",
 app.add_typer(data_app, name="data")
 app.add_typer(rl_app, name="rl")
 
-BENCHMARKS = ("sinusoid", "omniglot", "mini_imagenet", "imagefolder")
+BENCHMARKS = ("sinusoid", *FEWSHOT)
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (validated before any work).")
 ProfileOpt = typer.Option(None, "--profile", help="Use this entry of `profiles` instead of the file's `profile`.")
 AlgorithmOpt = typer.Option("maml", "--algorithm", "-a", help="Few-shot: maml, fomaml, reptile, anil, metasgd, mamlpp, "
@@ -39,7 +40,7 @@ def _check_benchmark(name: str) -> None:
 
 
 def _data_dirs(benchmark: str, prepared: Optional[Path], episodes: Optional[Path]) -> tuple[Path, Path]:
-    from mamlbench.fewshot import dataset_name
+    from mamlbench.config import dataset_name
     dataset = dataset_name(benchmark)
     return prepared or Path("data/prepared") / dataset, episodes or Path("data/episodes") / dataset
 

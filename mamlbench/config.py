@@ -28,6 +28,15 @@ from mamlbench.algorithms.reptile import ReptileParams
 from mamlbench.data.params import DataParams
 from mamlbench.models.conv import MODELS
 from mamlbench.rl.params import RLParams
+
+# The few-shot benchmarks: each is a `Params` field (FewShotParams), a `data.<name>` section of its dataset
+# (`mamlbench.data.pipeline.DATASETS`, whose folders spell it with a dash: data/prepared/mini-imagenet) and
+# a `variants.<variant>.<name>` override section; everything else loops over this tuple.
+FEWSHOT = ("omniglot", "mini_imagenet", "imagefolder")
+
+
+def dataset_name(benchmark: str) -> str:
+    return benchmark.replace("_", "-")
 from mamlbench.schema import ConfigError, build, knob, section, to_dict
 
 Strategy = Literal["auto", "vmap", "loop", "compiled"]
@@ -250,9 +259,7 @@ def _variant(name: str, options: type) -> type:
         ("train", dict[str, Any], knob({}, "Overrides of the benchmark's train section for this variant.")),
         ("evaluate", dict[str, Any], knob({}, "Overrides of the benchmark's evaluate section for this variant.")),
         ("options", options, section(options)),
-        ("omniglot", VariantBenchmark, section(VariantBenchmark)),
-        ("mini_imagenet", VariantBenchmark, section(VariantBenchmark)),
-        ("imagefolder", VariantBenchmark, section(VariantBenchmark)),
+        *[(benchmark, VariantBenchmark, section(VariantBenchmark)) for benchmark in FEWSHOT],
     ], frozen=True)
 
 
@@ -311,7 +318,7 @@ class TuneSpace:
 
 @dataclass(frozen=True)
 class TuneCell:
-    benchmark: Literal["omniglot", "mini_imagenet", "imagefolder"] = knob("omniglot", "Few-shot benchmark.")
+    benchmark: str = knob("omniglot", "Few-shot benchmark.", choices=list(FEWSHOT))
     algorithm: str = knob("maml", "Variant.", choices=["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"])
     setting: str = knob("5w1s", "A key of <benchmark>.settings.")
 
@@ -386,16 +393,8 @@ class Params:
         """Cells must be drawable from the dataset: K plus the queries of training (any variant's) and
         evaluation <= the images of a class, and, for the cells the pipeline or `tune` trains, N <= the
         classes of the meta-train split (the evaluation splits are checked with `data.*.episodes`)."""
-        from mamlbench.data.params import OMNIGLOT_DRAWERS, _full
-        from mamlbench.data.splits import RAVI_PER_CLASS, RAVI_SIZES
         bench = getattr(self, benchmark)
-        if benchmark == "omniglot":
-            data = self.data.omniglot
-            n_train, per_class = (data.split_sizes()["train"] if _full(data.archives) else None), OMNIGLOT_DRAWERS
-        elif benchmark == "imagefolder":  # class counts are known at prepare time; per_class when stated
-            n_train, per_class = None, self.data.imagefolder.per_class
-        else:
-            n_train, per_class = RAVI_SIZES["train"], RAVI_PER_CLASS
+        n_train, per_class = self.data.dataset(dataset_name(benchmark)).limits()
         trained = set(bench.run.settings) | {c.setting for c in self.tune.cells if c.benchmark == benchmark}
         for name, cell in bench.settings.items():
             where = f"{benchmark}.settings.{name}"
@@ -406,9 +405,6 @@ class Params:
             if per_class is not None and drawn > per_class:
                 raise ConfigError(f"{where}: support + query images per class = {drawn} > {per_class} images per class "
                                   f"(k_shot + n_query, or a variant's train.k_shot + train.n_query)")
-
-
-FEWSHOT = ("omniglot", "mini_imagenet", "imagefolder")
 
 
 def _imagefolder_default() -> FewShotParams:

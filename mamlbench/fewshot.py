@@ -31,10 +31,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).float().mean(-1)
 
 
-def dataset_name(benchmark: str) -> str:
-    return "mini-imagenet" if benchmark == "mini_imagenet" else benchmark
-
-
 def check_cell(params: Params, benchmark: str, algorithm: str, setting: str) -> None:
     if benchmark not in FEWSHOT:
         raise ValueError(f"unknown few-shot benchmark {benchmark!r} (have: {', '.join(FEWSHOT)})")

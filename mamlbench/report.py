@@ -57,6 +57,7 @@ PAPER: dict[str, dict[tuple[str, str], tuple[float, float | None]]] = {
     },
 }
 BASELINE = "maml"   # paired comparisons are against this variant
+TITLES = {"omniglot": "Omniglot", "mini_imagenet": "mini-ImageNet", "imagefolder": "Your ImageFolder dataset"}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -323,7 +324,7 @@ def plot_steps(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) ->
 
 
 def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -> list[str]:
-    title = {"omniglot": "Omniglot", "mini_imagenet": "mini-ImageNet", "imagefolder": "Your ImageFolder dataset"}[benchmark]
+    title = TITLES.get(benchmark, benchmark)
     cells = fewshot_cells(params, benchmark, runs)
     lines = [f"## {title}", ""]
     if cells.empty:
@@ -559,9 +560,8 @@ def _report_text(params: Params, runs: Path, figures: Path) -> str:
              "(ANIL), Snell et al. 2017 (Prototypical Networks), Rajeswaran et al. 2019 (iMAML, GD); — where the paper gives none for that cell. Budgets of a short profile are far below the "
              "papers' (60 000 meta-updates), so differences to the paper measure the budget, not the method.", ""]
     lines += sinusoid_section(params, runs, figures)
-    lines += fewshot_section(params, "omniglot", runs, figures)
-    lines += fewshot_section(params, "mini_imagenet", runs, figures)
-    if params.imagefolder.run.algorithms or (runs / "imagefolder").is_dir():
-        lines += fewshot_section(params, "imagefolder", runs, figures)
+    for benchmark in FEWSHOT:   # the papers' benchmarks always (published numbers); a dataset of yours once run
+        if benchmark in PAPER or getattr(params, benchmark).run.algorithms or (runs / benchmark).is_dir():
+            lines += fewshot_section(params, benchmark, runs, figures)
     lines += rl_section(params, runs, figures)
     return "\n".join(lines).rstrip() + "\n"

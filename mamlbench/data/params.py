@@ -85,6 +85,10 @@ class OmniglotParams:
         _check_settings(self.episodes, self.split_sizes() if _full(self.archives) else None,
                         OMNIGLOT_DRAWERS, f"{where}.episodes")
 
+    def limits(self) -> tuple[int | None, int | None]:
+        """(classes of the meta-train split, images per class) that training cells must fit; None: unknown."""
+        return (self.split_sizes()["train"] if _full(self.archives) else None), OMNIGLOT_DRAWERS
+
 
 def _full(archives) -> bool:
     return set(archives) == {"images_background", "images_evaluation"}
@@ -102,6 +106,9 @@ class MiniImageNetParams:
 
     def validate(self, where: str) -> None:
         _check_settings(self.episodes, RAVI_SIZES, RAVI_PER_CLASS, f"{where}.episodes")
+
+    def limits(self) -> tuple[int | None, int | None]:
+        return RAVI_SIZES["train"], RAVI_PER_CLASS
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,9 @@ class ImageFolderParams:
             raise ConfigError(f"{where}.fractions = {self.fractions}: expected [train, val] summing below 1 "
                               f"(the rest is meta-test)")
         _check_settings(self.episodes, None, self.per_class or 10**9, f"{where}.episodes")
+
+    def limits(self) -> tuple[int | None, int | None]:
+        return None, self.per_class   # the classes are counted at prepare time
 
 
 def _check_settings(settings, sizes: dict[str, int] | None, per_class: int, where: str) -> None:
@@ -163,6 +173,9 @@ class DataParams:
     imagefolder: ImageFolderParams = section(ImageFolderParams)
     episodes: EpisodesParams = section(EpisodesParams)
 
+    def dataset(self, name: str):
+        """The section of a dataset (`mini-imagenet`: data.mini_imagenet)."""
+        return getattr(self, name.replace("-", "_"))
+
     def settings(self, dataset: str) -> list[EpisodeSetting]:
-        return {"omniglot": self.omniglot, "mini-imagenet": self.mini_imagenet,
-                "imagefolder": self.imagefolder}[dataset].episodes
+        return self.dataset(dataset).episodes
