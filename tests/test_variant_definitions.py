@@ -292,7 +292,7 @@ def test_variant_trains_resumes_bit_exact_and_evaluates_through_the_fewshot_path
     assert metrics["n_episodes"] == 16 and set(metrics["per_step"]) == {f"step{s}" for s in range(steps + 1)}
     assert 0 <= metrics["acc"] <= 1
 
-@pytest.mark.parametrize("algorithm", ["boil", "protonet", "protomaml", "cavia", "imaml"])
+@pytest.mark.parametrize("algorithm", ["boil", "protonet", "protomaml", "cavia", "imaml", "baseline"])
 def test_params_yaml_rejects_an_unknown_option_key_by_name(tmp_path, algorithm):
     from conftest import write_params
     from mamlbench.config import load_params
