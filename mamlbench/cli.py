@@ -27,7 +27,7 @@ BENCHMARKS = ("sinusoid", *FEWSHOT)
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (validated before any work).")
 ProfileOpt = typer.Option(None, "--profile", help="Use this entry of `profiles` instead of the file's `profile`.")
 AlgorithmOpt = typer.Option("maml", "--algorithm", "-a", help="Few-shot: maml, fomaml, reptile, anil, metasgd, mamlpp, "
-                            "boil, protonet, protomaml, cavia, imaml.")
+                            "boil, protonet, protomaml, cavia, imaml, baseline.")
 SettingOpt = typer.Option("5w1s", "--setting", "-s", help="Few-shot: a key of <benchmark>.settings in params.")
 PreparedOpt = typer.Option(None, help="Few-shot: prepared data folder (default: data/prepared/<dataset>).")
 EpisodesOpt = typer.Option(None, "--episodes", help="Few-shot: fixed episodes folder (default: data/episodes/<dataset>).")

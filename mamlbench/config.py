@@ -17,6 +17,7 @@ import yaml
 import dataclasses
 
 from mamlbench.algorithms.anil import ANILParams
+from mamlbench.algorithms.baseline import BaselineParams
 from mamlbench.algorithms.boil import BOILParams
 from mamlbench.algorithms.cavia import CAVIAParams
 from mamlbench.algorithms.imaml import IMAMLParams
@@ -190,7 +191,7 @@ class SettingParams:
 
 # Every few-shot variant, in the order of `mamlbench.algorithms.ALGORITHMS`.
 VARIANTS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "boil", "protonet", "protomaml", "cavia",
-            "imaml")
+            "imaml", "baseline")
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,7 @@ ProtoNetVariant = _variant("ProtoNet", ProtoNetParams)
 ProtoMAMLVariant = _variant("ProtoMAML", ProtoMAMLParams)
 CAVIAVariant = _variant("CAVIA", CAVIAParams)
 IMAMLVariant = _variant("IMAML", IMAMLParams)
+BaselineVariant = _variant("Baseline", BaselineParams)
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,7 @@ class VariantsParams:
     protomaml: ProtoMAMLVariant = section(ProtoMAMLVariant)
     cavia: CAVIAVariant = section(CAVIAVariant)
     imaml: IMAMLVariant = section(IMAMLVariant)
+    baseline: BaselineVariant = section(BaselineVariant)
 
 
 @dataclass(frozen=True)

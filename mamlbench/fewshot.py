@@ -57,12 +57,21 @@ def classification_loss(reduction: str, k_shot: int):
 
 
 def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, cfg: FewShotCell,
-                  in_channels: int, image_size: int):
-    """The variant around a freshly initialised model; the init depends on (seed, benchmark, setting) only."""
+                  in_channels: int, image_size: int, n_classes: int | None = None):
+    """The variant around a freshly initialised model; the init depends on (seed, benchmark, setting) only.
+
+    A variant trained on global labels (`global_labels`: the baseline) gets a head of `n_classes` outputs,
+    the training split's classes (`train_classes`); every other one a head of the cell's N.
+    """
     cell = getattr(params, benchmark).settings[setting]
     torch.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-init"))
     hidden = None if cfg.model.startswith("mlp") else cfg.hidden
-    model = build_model(cfg.model, cell.n_way, in_channels=in_channels, image_size=image_size, hidden=hidden,
+    outputs = cell.n_way
+    if getattr(ALGORITHMS[algorithm], "global_labels", False):
+        if n_classes is None:
+            raise ValueError(f"{algorithm} trains on global labels: build_learner needs the training split's n_classes")
+        outputs = n_classes
+    model = build_model(cfg.model, outputs, in_channels=in_channels, image_size=image_size, hidden=hidden,
                         norm=cfg.norm, norm_eps=cfg.norm_eps, init=cfg.init)
     train = cfg.train
     learner = build_algorithm(algorithm, model, inner_lr=train.inner_lr, inner_steps=train.inner_steps,
@@ -72,6 +81,14 @@ def build_learner(params: Params, benchmark: str, algorithm: str, setting: str, 
     if train.checkpointing:
         learner.checkpointing = True
     return learner
+
+
+def train_classes(prepared: str | Path) -> int:
+    """Classes of the training split under the prepared scheme (rotations count when they make classes)."""
+    meta = read_meta(prepared)
+    scheme = meta["scheme"]
+    rotations = len(meta["rotations"]) if meta["rotations_as_classes"][scheme] else 1
+    return len(meta["splits"][scheme]["train"]) * rotations
 
 
 def trajectory(params: Params, benchmark: str, algorithm: str, setting: str) -> dict:
@@ -147,7 +164,9 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
     sampler = EpisodeSampler.from_split(train_split, cell.n_way, cfg.k_shot or cell.k_shot, cfg.n_query,
                                         device=device)
     channels, size = train_split.images.shape[2], train_split.images.shape[3]
-    learner = build_learner(params, benchmark, algorithm, setting, resolved, channels, size).to(device)
+    learner = build_learner(params, benchmark, algorithm, setting, resolved, channels, size,
+                            train_split.n_classes).to(device)
+    global_classes = getattr(learner, "global_labels", False)  # the baseline: supervised on the split's classes
     sgd_outer = algorithm == "reptile" and learner.meta_optimizer == "sgd"
     optimizer = (torch.optim.SGD if sgd_outer else torch.optim.Adam)(learner.parameters(), lr=cfg.meta_lr)
     best = dict(resume_state["extra"].get("best", {})) if resume_state else {}
@@ -184,7 +203,7 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         sampler.generator.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-train", iteration))
         # every rank draws the whole meta-batch's indices and builds only its own slice of the tasks
         index = distributed.shard(sampler.indices(cfg.meta_batch_size), cfg.meta_batch_size, batch_key)
-        batch = sampler.gather(index)  # support_x (tasks, N*K, C, H, W), support_y, query_x, query_y
+        batch = sampler.gather(index, global_classes)  # support_x (tasks, N*K, C, H, W), support_y, query_x, query_y
         out = meta_update(learner, optimizer, batch, cfg.grad_clip, after_backward=distributed.all_reduce_grads,
                           grad_clip_value=cfg.grad_clip_value)
         metrics = distributed.mean_metrics({  # the full meta-batch's means
@@ -254,12 +273,13 @@ def evaluate(params: Params, benchmark: str, algorithm: str, setting: str, run_d
     state = guards.load_model_file(source, f"retrain with `mamlbench train {benchmark}`, or restore the file")
     guards.check_model_identity(state, source, benchmark=benchmark, algorithm=algorithm, setting=setting,
                                 seed=params.seed)
+    n_classes = train_classes(prepared)
     learner = build_learner(params, benchmark, algorithm, setting, resolved, split.images.shape[2],
-                            split.images.shape[3])
+                            split.images.shape[3], n_classes)
     learner.load_state_dict(state["learner"])
     if ev.ensemble > 1:  # the mean logits of the top-k validation checkpoints (MAML++)
         learner = ensemble.from_top_k(run_dir, ev.ensemble, lambda: build_learner(
-            params, benchmark, algorithm, setting, resolved, split.images.shape[2], split.images.shape[3]))
+            params, benchmark, algorithm, setting, resolved, split.images.shape[2], split.images.shape[3], n_classes))
     learner.to(device)
     n = min(ev.n_episodes, episodes["n_episodes"])
     with Progress(f"evaluate {benchmark} {algorithm} {setting}", n) as bar:

@@ -18,6 +18,7 @@ fields are the constructor's keyword arguments.
 | protomaml | ProtoMAML       | Triantafillou et al. 2020 | ProtoMAMLParams |
 | cavia     | CAVIA           | Zintgraf et al. 2019      | CAVIAParams     |
 | imaml     | IMAML           | Rajeswaran et al. 2019    | IMAMLParams     |
+| baseline  | Baseline        | Chen et al. 2019          | BaselineParams  |
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlbench.algorithms.anil import ANIL, ANILParams
+from mamlbench.algorithms.baseline import Baseline, BaselineParams
 from mamlbench.algorithms.boil import BOIL, BOILParams
 from mamlbench.algorithms.cavia import CAVIA, CAVIAParams
 from mamlbench.algorithms.core import norm_parameter_names
@@ -52,6 +54,7 @@ ALGORITHMS: dict[str, Callable[..., MAML]] = {
     "protomaml": ProtoMAML,
     "cavia": CAVIA,
     "imaml": IMAML,
+    "baseline": Baseline,
 }
 
 PARAMS: dict[str, type | None] = {
@@ -66,6 +69,7 @@ PARAMS: dict[str, type | None] = {
     "protomaml": ProtoMAMLParams,
     "cavia": CAVIAParams,
     "imaml": IMAMLParams,
+    "baseline": BaselineParams,
 }
 
 
@@ -114,4 +118,4 @@ def build_algorithm(name: str, model: nn.Module, *, inner_lr: float, inner_steps
 __all__ = ["ALGORITHMS", "PARAMS", "PRECISIONS", "build_algorithm", "MetaOutput", "MAML", "FOMAML", "Reptile", "ANIL",
            "MetaSGD", "MAMLPlusPlus", "BOIL", "ANILParams", "MetaSGDParams", "MAMLPPParams", "ReptileParams",
            "BOILParams", "ProtoNet", "ProtoNetParams", "ProtoMAML", "ProtoMAMLParams", "CAVIA", "CAVIAParams",
-           "IMAML", "IMAMLParams"]
+           "IMAML", "IMAMLParams", "Baseline", "BaselineParams"]

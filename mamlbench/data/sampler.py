@@ -106,6 +106,21 @@ def gather(images: torch.Tensor, index: EpisodeIndex, perms: torch.Tensor | None
     return Episode(support_x, support_y.contiguous(), query_x, query_y.contiguous())
 
 
+def global_labels(episode: Episode, index: EpisodeIndex, rotations: tuple[int, ...] = (0,),
+                  rotations_as_classes: bool = False) -> Episode:
+    """`episode` with each image labelled by its class in the split instead of 0..N-1.
+
+    A class is a split class, or a (class, rotation) pair when rotations make classes: class * R + the
+    rotation's position in `rotations`. The supervised baseline trains on these labels.
+    """
+    classes = index.classes
+    if rotations_as_classes:
+        table = torch.tensor(rotations, device=classes.device)
+        position = (index.rotations[..., None] == table).long().argmax(-1)     # (tasks, N)
+        classes = classes * len(rotations) + position
+    return episode._replace(support_y=classes.gather(1, episode.support_y), query_y=classes.gather(1, episode.query_y))
+
+
 class EpisodeSampler:
     """Random N-way K-shot episodes from one split held on `device`, seeded by a torch.Generator.
 
@@ -146,8 +161,12 @@ class EpisodeSampler:
                               tasks, rotations=self.rotations, rotations_as_classes=self.rotations_as_classes,
                               generator=self.generator, device=self.device)
 
-    def gather(self, index: EpisodeIndex) -> Episode:
-        return gather(self.images, index, self._perms)
+    def gather(self, index: EpisodeIndex, global_classes: bool = False) -> Episode:
+        """The episodes of `index`; with `global_classes`, labelled by class in the split (`global_labels`)."""
+        episode = gather(self.images, index, self._perms)
+        if global_classes:
+            episode = global_labels(episode, index, self.rotations, self.rotations_as_classes)
+        return episode
 
     def sample(self, tasks: int) -> Episode:
         """`tasks` fresh episodes: support_x (tasks, N*K, C, H, W), support_y (tasks, N*K), query alike."""
