@@ -9,6 +9,7 @@ small files it reads are copied under `<out>/runs/`, so the report can be rebuil
 """
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mamlbench.config import fewshot_train, load_params
 from mamlbench.guards import read_json
 from mamlbench.io import write_text
 from mamlbench.report import PAPER, _plt, paired_files, pct, provenance_line, save_figure, seeds_ci95, table
@@ -24,10 +26,15 @@ from mamlbench.stats import mean_ci95
 SETTINGS = {"5w1s": "5-way 1-shot", "5w5s": "5-way 5-shot", "20w1s": "20-way 1-shot", "20w5s": "20-way 5-shot"}
 VARIANTS = {"maml": "MAML", "fomaml": "first-order MAML", "anil": "ANIL", "metasgd": "Meta-SGD",
             "mamlpp": "MAML++", "reptile": "Reptile", "boil": "BOIL", "protonet": "Prototypical Networks",
-            "protomaml": "fo-Proto-MAML", "cavia": "CAVIA", "imaml": "iMAML"}
-PAPER_ITERATIONS = {"maml": 60000, "fomaml": 60000, "anil": 60000, "metasgd": 60000, "mamlpp": 50000,
-                    "reptile": 100000, "boil": 60000, "protonet": 60000, "protomaml": 60000, "cavia": 60000,
-                    "imaml": 60000}   # the meta-updates of each variant's protocol (params.yaml, profile paper)
+            "protomaml": "fo-Proto-MAML", "cavia": "CAVIA", "imaml": "iMAML", "baseline": "Baseline (fine-tuning)"}
+
+
+@functools.lru_cache(maxsize=None)
+def protocol_iterations(algorithm: str, setting: str, params_path: str = "params.yaml") -> int:
+    """The meta-updates of a cell's own protocol: `profile: paper`'s, read from the params file."""
+    return fewshot_train(load_params(params_path, profile="paper"), "omniglot", algorithm, setting).iterations
+
+
 CELL = re.compile(r"^(?P<algorithm>[a-z]+)-(?P<setting>\d+w\d+s)-seed(?P<seed>\d+)$")
 FEWSHOT_FILES = ("train.json", "curve.csv", "clock.csv", "eval/metrics.json", "eval/steps.csv", "eval/per_episode.csv")
 SINUSOID_FILES = ("maml/train.json", "maml/clock.csv", "pretrain/train.json", "pretrain/clock.csv",
@@ -191,7 +198,7 @@ def budget_table(cells: pd.DataFrame, runs: Path) -> pd.DataFrame:
             "ours − paper": "—" if mean is None or paper is None else f"{100 * mean - paper[0]:+.2f}",
             "− MAML, paired (seed 0)": _against_maml(cells, algorithm, setting),
             "meta-updates reached": " / ".join(f"{i:,}" for i in iterations) or "—",
-            "of the protocol's": f"{PAPER_ITERATIONS.get(algorithm, 0):,}",
+            "of the protocol's": f"{protocol_iterations(algorithm, setting):,}",
             "training min": " / ".join(f"{s / 60:.1f}" for s in seconds) or "—",
             "updates/s": "—" if rate is None else f"{rate:.2f}",
             "stopped by": ", ".join(dict.fromkeys(str(s).replace("_", " ") for s in group["stopped"].dropna())) or "—",
@@ -357,7 +364,7 @@ def _gpu_line(cells: pd.DataFrame) -> str:
     done = cells.dropna(subset=["iterations"])
     if done.empty:
         return "No cell has run yet."
-    share = 100 * max(float(r["iterations"]) / PAPER_ITERATIONS.get(r["algorithm"], 60000) for _, r in done.iterrows())
+    share = 100 * max(float(r["iterations"]) / protocol_iterations(r["algorithm"], r["setting"]) for _, r in done.iterrows())
     return (f"No cell here reached more than {share:.1f}% of its protocol's meta-updates: every number above is "
             "a short-budget number, not the paper's. The full protocol is `profile: paper` (`dvc exp run -S "
             "profile=paper`, `train.device: auto` takes the GPU); its time on a GPU has not been measured on "

@@ -8,7 +8,7 @@
 #     -S 'omniglot.run.settings=[5w1s,5w5s,20w1s,20w5s]' omniglot-train omniglot-evaluate
 set -euo pipefail
 ROOT=${1:?ROOT folder for the runs}
-WORKER=${2:?worker 1 to 5}
+WORKER=${2:?worker 1 to 6}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$ROOT/logs"
 DATA=(--prepared data/prepared/omniglot --episodes data/episodes/omniglot)
@@ -37,6 +37,8 @@ if [ "$WORKER" = 3 ]; then
   omniglot boil 5w1s 0; omniglot protonet 5w1s 0; omniglot protomaml 5w1s 0; exit 0
 elif [ "$WORKER" = 4 ]; then
   omniglot cavia 5w1s 0; omniglot imaml 5w1s 0; exit 0
+elif [ "$WORKER" = 6 ]; then   # the fine-tuning baseline (Chen et al. 2019), added after the rest
+  omniglot baseline 5w1s 0; exit 0
 elif [ "$WORKER" = 5 ]; then   # first-order MAML's other two seeds, run last (at commit d4fd792, as the first set)
   omniglot fomaml 5w1s 1; omniglot fomaml 5w1s 2; exit 0
 fi
