@@ -152,7 +152,13 @@ class FewShotTrainParams:
                                                "code on mini-ImageNet: 10, in the loss_reduction convention); "
                                                "null: no clipping.", gt=0)
     strategy: Strategy = knob("auto", "vmap, loop, compiled (vmap under torch.compile; maml, fomaml, anil, metasgd), "
-                                          "or auto (per device and model: compiled on CUDA).")
+                                          "or auto: a run of probe_min_iterations or more times each eligible "
+                                          "strategy on its own batch and keeps the fastest (cached, kept in the "
+                                          "checkpoint); a shorter one uses the rule (compiled on CUDA, loop for "
+                                          "conv nets on the CPU).")
+    probe_min_iterations: int = knob(2000, "strategy auto: the shortest run that probes (a probe costs a few "
+                                           "meta-steps per strategy, and compiling).", ge=0)
+    probe_steps: int = knob(3, "strategy auto: timed meta-steps per strategy (after one warm-up).", ge=1)
     checkpointing: bool = knob(False, "Recompute each inner step in the backward: memory flat in inner_steps.")
     precision: Precision = knob("fp32", PRECISION_HELP)
     validate_every: int = knob(500, "Validate on the fixed validation episodes every this many meta-updates.", ge=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mamlbench import distributed, ensemble, guards, rng
+from mamlbench import autostrategy, distributed, ensemble, guards, rng
 from mamlbench.algorithms import ALGORITHMS, build_algorithm
 from mamlbench.config import FEWSHOT, FewShotCell, Params, fewshot_cell
 from mamlbench.data.episodes import episode_path, load_episodes, materialize
@@ -95,7 +95,8 @@ def trajectory(params: Params, benchmark: str, algorithm: str, setting: str) -> 
     """The settings that fix a cell's training trajectory (logging periods and the time budget excluded)."""
     cell = fewshot_cell(params, benchmark, algorithm, setting)
     train = trajectory_settings(to_dict(cell.train),
-                                ("checkpoint_every", "log_every", "validate_every", "time_budget_minutes"))
+                                ("checkpoint_every", "log_every", "validate_every", "time_budget_minutes",
+                                 "probe_min_iterations", "probe_steps"))
     bench = getattr(params, benchmark)
     return {"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": cell.model,
             "hidden": cell.hidden, "network": [cell.norm, cell.norm_eps, cell.init],
@@ -218,6 +219,8 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
         return validate(done) if main and not validated(done) else {}
 
     extra_state = dict(extra or {})
+    extra_state["strategy"] = pick_strategy(learner, sampler, params, benchmark, algorithm, setting, cfg, device,
+                                            global_classes, resume_state)
     loop = LoopConfig(cfg.iterations, cfg.checkpoint_every, cfg.log_every, describe=f"{benchmark} {algorithm} {setting}",
                       setting=f"inner_lr={cfg.inner_lr}, meta_lr={cfg.meta_lr}, inner_steps={cfg.inner_steps}",
                       force_log=("meta_val/query_acc",), time_budget_minutes=cfg.time_budget_minutes)
@@ -233,8 +236,35 @@ def train(params: Params, benchmark: str, algorithm: str, setting: str, run_dir:
     final = result.last()
     write_json(run_dir / "train.json", {"iterations": result.iterations, "best_val_acc": best.get("acc"),
                                         "best_iteration": best.get("iteration"), "seconds": round(result.seconds, 1),
+                                        "strategy": extra_state["strategy"],
                                         **final, "provenance": train_provenance(result, checkpoints, params, device)})
     return result
+
+
+def pick_strategy(learner, sampler, params: Params, benchmark: str, algorithm: str, setting: str, cfg, device,
+                  global_classes: bool, resume_state: dict | None) -> dict:
+    """Set `learner.strategy` for the run and say how it was chosen: the checkpoint's choice on a resume (a
+    resumed run stays bit-exact), a measured one (`autostrategy`) for a long enough `auto` run in one
+    process, else the configured value (`auto`: the rule)."""
+    autostrategy.persistent_compile_cache()
+    if resume_state is not None:   # a checkpoint from before the probe existed trained by the rule
+        kept = resume_state["extra"].get("strategy", {"choice": learner.strategy, "how": "rule"})
+        learner.strategy = kept["choice"]
+        return kept
+    if (cfg.strategy != "auto" or cfg.iterations < cfg.probe_min_iterations or distributed.world_size() > 1
+            or not autostrategy.eligible(learner)):
+        return {"choice": learner.strategy, "how": "configured" if cfg.strategy != "auto" else "rule"}
+    generator_state = sampler.generator.get_state()
+    sampler.generator.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-probe"))
+    batch = sampler.gather(sampler.indices(cfg.meta_batch_size), global_classes)
+    sampler.generator.set_state(generator_state)
+    found = autostrategy.choose(learner, batch, lambda lr, opt, b: meta_update(
+        lr, opt, b, cfg.grad_clip, grad_clip_value=cfg.grad_clip_value), device, algorithm, steps=cfg.probe_steps)
+    learner.strategy = found["choice"]
+    timings = ", ".join(f"{s} {r['step_s']:.3f} s/step" + (f" (first {r['warmup_s']:.1f} s)" if s == "compiled" else "")
+                        if "error" not in r else f"{s}: {r['error']}" for s, r in found["timings"].items())
+    print(f"strategy auto: {found['choice']} ({'cached: ' if found['cached'] else ''}{timings})", flush=True)
+    return {"choice": found["choice"], "how": "cached probe" if found["cached"] else "probe", "timings": found["timings"]}
 
 
 BEST_KEPT = "best.pt"  # beside the ckpt-*.pt files, untouched by their pruning
