@@ -364,8 +364,15 @@ def _gpu_line(cells: pd.DataFrame) -> str:
     done = cells.dropna(subset=["iterations"])
     if done.empty:
         return "No cell has run yet."
-    share = 100 * max(float(r["iterations"]) / protocol_iterations(r["algorithm"], r["setting"]) for _, r in done.iterrows())
-    return (f"No cell here reached more than {share:.1f}% of its protocol's meta-updates: every number above is "
-            "a short-budget number, not the paper's. The full protocol is `profile: paper` (`dvc exp run -S "
-            "profile=paper`, `train.device: auto` takes the GPU); its time on a GPU has not been measured on "
-            "this project's machines, so no estimate is given here.")
+    shares = {(r["algorithm"], r["setting"]): float(r["iterations"]) / protocol_iterations(r["algorithm"], r["setting"])
+              for _, r in done.iterrows()}
+    complete = sorted({VARIANTS.get(a, a) for (a, _), v in shares.items() if v >= 1})
+    short = [v for v in shares.values() if v < 1]
+    gpu = ("The full protocol is `profile: paper` (`dvc exp run -S profile=paper`, `train.device: auto` takes the "
+           "GPU); its time on a GPU has not been measured on this project's machines, so no estimate is given here.")
+    lead = f"{', '.join(complete)} ran {'its' if len(complete) == 1 else 'their'} whole protocol. " if complete else ""
+    if not short:
+        return lead + gpu
+    return (lead + f"No {'other ' if complete else ''}cell here reached more than {100 * max(short):.1f}% of its "
+            f"protocol's meta-updates: {'those numbers are short-budget numbers' if complete else 'every number above is a short-budget number'}, "
+            "not the paper's. " + gpu)
