@@ -67,6 +67,54 @@ def cache_key(learner, batch, device: torch.device, variant: str) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
+def _rss(field: str) -> int | None:
+    """VmRSS / VmHWM of this process in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak(device: torch.device) -> int | None:
+    """Start a peak-memory window; the level it starts from (CUDA: allocated bytes; CPU: resident bytes)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)   # what glibc kept from the strategy before goes back first
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # VmHWM back to the current RSS
+    except OSError:
+        return None
+    return _rss("VmRSS")
+
+
+def _peak(device: torch.device, start: int | None) -> int | None:
+    if start is None:
+        return None
+    top = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss("VmHWM")
+    return None if top is None else max(0, top - start)
+
+
+def _memory_limit(device: torch.device, fraction: float) -> int | None:
+    if device.type == "cuda":
+        return int(fraction * torch.cuda.get_device_properties(device).total_memory)
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None if available is None else int(fraction * available)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,40 +122,44 @@ def _sync(device: torch.device) -> None:
 
 def probe(learner, batch, step: Callable, device: torch.device, *, steps: int = 3,
           memory_fraction: float = 0.9) -> dict[str, dict]:
-    """{strategy: {"warmup_s", "step_s" (median), "peak_bytes" (CUDA)} or {"error"}} for each eligible one.
+    """{strategy: {"warmup_s", "step_s" (median), "peak_bytes"} or {"error"}} for each eligible one.
+
+    `peak_bytes`: the rise of torch's allocated bytes (CUDA) or of the resident set (CPU, Linux: glibc
+    trimmed first; approximate) over the timed steps; above `memory_fraction` of the device's memory
+    (CUDA) or of the memory available (CPU) the strategy is out.
 
     `step(learner, optimizer, batch)` runs one meta-update; the optimiser is a fresh Adam each time.
     """
     saved = copy.deepcopy(learner.state_dict())
     before = learner.strategy
     results: dict[str, dict] = {}
-    limit = memory_fraction * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    limit = _memory_limit(device, memory_fraction)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for strategy in eligible(learner):
                 learner.strategy = strategy
                 optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)   # real steps: the restore below matters
                 try:
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
                     start = time.perf_counter()
                     step(learner, optimizer, batch)
                     _sync(device)
                     warmup = time.perf_counter() - start
-                    times = []
+                    level, times = _reset_peak(device), []
                     for _ in range(steps):
                         start = time.perf_counter()
                         step(learner, optimizer, batch)
                         _sync(device)
                         times.append(time.perf_counter() - start)
                     result = {"warmup_s": round(warmup, 4), "step_s": round(statistics.median(times), 5)}
-                    if limit is not None:
-                        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-                        if result["peak_bytes"] > limit:
-                            result["error"] = f"peak memory {result['peak_bytes']} > {memory_fraction:g} of the device"
-                except torch.cuda.OutOfMemoryError as err:
-                    result = {"error": f"out of memory ({str(err).splitlines()[0]})"}
-                    torch.cuda.empty_cache()
+                    peak = _peak(device, level)
+                    if peak is not None:
+                        result["peak_bytes"] = peak
+                        if limit is not None and peak > limit:
+                            result["error"] = f"peak memory {peak / 2**20:.0f} MiB > {memory_fraction:g} of what is free"
+                except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+                    result = {"error": f"out of memory ({str(err).splitlines()[0] if str(err) else type(err).__name__})"}
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 results[strategy] = result
                 learner.load_state_dict(saved)
     finally:

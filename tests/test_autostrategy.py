@@ -44,6 +44,7 @@ def test_the_probe_restores_weights_buffers_and_rng_and_times_each_strategy():
     rng = torch.get_rng_state()
     timings = autostrategy.probe(learner, _batch(), _step, torch.device("cpu"), steps=2)
     assert set(timings) == {"loop", "vmap"} and all(r["step_s"] > 0 and r["warmup_s"] > 0 for r in timings.values())
+    assert all(r["peak_bytes"] >= 0 for r in timings.values())   # Linux: the resident set's rise
     after = learner.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # Adam stepped, then the state came back
     assert torch.equal(torch.get_rng_state(), rng) and learner.strategy == "auto"
