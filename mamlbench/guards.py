@@ -40,7 +40,7 @@ def install_signal_handlers() -> None:
 
 
 # ----------------------------------------------------------------------------- params
-REQUIRED_SECTIONS = ("seed", "profile", "profiles", "tracking", "sinusoid", "omniglot", "mini_imagenet", "variants",
+REQUIRED_SECTIONS = ("seed", "profile", "profiles", "tracking", "sinusoid", "omniglot", "mini_imagenet", "imagefolder", "variants",
                      "data", "rl", "tune")
 
 
