@@ -82,7 +82,21 @@ def _stamps(folder: Path) -> list[tuple[str, str, str, str]]:
     rows = []
     for log in sorted(folder.glob("rl-*.log")):
         rows += [STAMP.match(line).groups() for line in log.read_text().splitlines() if STAMP.match(line)]
-    return rows
+    return sorted(rows)   # by time: a split run's two logs interleave
+
+
+def summary_row(env: str, folder: Path, protocol_iterations: int) -> dict:
+    runs = folder / "runs"
+    evaluation, metrics = _read(runs / "evaluate.json"), _read(runs / "metrics.json")
+    prov = provenance(runs).get("maml", {})
+    history = _read(runs / "maml" / "history.json") or []
+    row = {"task family": TITLES[env], "MAML after 1 step": f"{metrics['maml']['step_1']['mean']:.2f} ± "
+                                                            f"{metrics['maml']['step_1']['ci95']:.2f}"}
+    for other in ("pretrained", "random"):
+        mean, ci, wins, n = paired(evaluation, other, "step_1")
+        row[f"minus {other}"] = f"{mean:+.2f} ± {ci:.2f}" + (" ✓" if mean - ci > 0 else "")
+    row["meta-iterations"] = f"{len(history)} of {protocol_iterations} ({prov.get('wall_seconds', float('nan')) / 60:.0f} min)"
+    return row
 
 
 def env_section(env: str, folder: Path, protocol_iterations: int) -> list[str]:
@@ -153,9 +167,13 @@ def build_rl_report(out: str | Path, runs: str | Path | None = None, params_path
              f"episodes per task and step, step sizes {', '.join(f'{a:g}' for a in test.inner_lrs)}. MuJoCo "
              "dynamics as rllab's (time step, reset noise, observations; docs/protocols.md, meta-RL), so returns "
              "are on the paper's scale. Machine: the 2-core CPU (no GPU), one torch thread per run, two runs side "
-             "by side.", ""]
+             "by side. ✓: MAML above the baseline, the paired CI clear of zero.", ""]
     if note and Path(note).is_file():
         lines += [Path(note).read_text().strip(), ""]
+    if envs:
+        lines += ["## Summary", "", "After one policy-gradient step, MAML minus each baseline on the same test tasks "
+                  "(95% CI over tasks), and how far meta-training got:", "",
+                  table_rows([summary_row(e, out / e, paper.env(e).iterations) for e in envs]), ""]
     for env in envs:
         lines += env_section(env, out / env, paper.env(env).iterations)
     missing = [e for e in ENV_NAMES if e not in envs]
