@@ -183,7 +183,7 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
         for name in ("model.pt", "best.pt", "curve.csv", "clock.csv", "train.json", "curve.png"):
             tracker.log_artifact(Path(run_dir) / name)
         _log_provenance(tracker, Path(run_dir) / "train.json")
-        chosen = guards.read_json(Path(run_dir) / "train.json").get("strategy", {})
+        chosen = guards.read_json(Path(run_dir) / "train.json").get("strategy", {}) if distributed.is_main() else {}
         tracker.set_tags({"strategy": chosen.get("choice"), "strategy_how": chosen.get("how")})
         tracker.log_metrics({f"probe/{s}_step_s": r["step_s"] for s, r in chosen.get("timings", {}).items()
                              if "error" not in r})
