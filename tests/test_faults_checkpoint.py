@@ -56,6 +56,7 @@ def test_flip_inside_tensor_data_passes_torch_load_but_not_the_digest(trained, t
         load_torch(path)
 
 
+@pytest.mark.slow   # 20-40 s: `pytest -m "not slow"` stays under 5 minutes
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_flipped_byte_or_cut_is_detected_and_skipped(trained, tmp_path_factory, data):

@@ -144,6 +144,7 @@ def test_time_budget_stops_after_the_passing_iteration_and_a_rerun_trains_no_fur
     assert extended["provenance"]["resumed_from"] == reached and extended["iterations"] > reached
 
 
+@pytest.mark.slow   # 20-40 s: `pytest -m "not slow"` stays under 5 minutes
 def test_provenance_on_the_mlflow_run_and_in_the_report(tmp_path):
     import mlflow
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -270,6 +271,7 @@ def test_training_logs_progress_lines_when_not_on_a_terminal(tmp_path):
     assert logged and all("meta_train/query_loss=" in line for line in logged)
 
 
+@pytest.mark.slow   # 20-40 s: `pytest -m "not slow"` stays under 5 minutes
 def test_fewshot_budget_validates_the_last_model_and_new_data_starts_afresh(tmp_path, capsys):
     from test_fewshot import make_glyphs, tiny
     from mamlbench import runs

@@ -70,6 +70,7 @@ def _wait_for_checkpoint(folder: Path, at_least: int, proc: subprocess.Popen, ti
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow   # 20-40 s: `pytest -m "not slow"` stays under 5 minutes
 def test_killed_run_resumes_bit_exact(tmp_path, tiny_sinusoid):
     """SIGKILL a real training process twice; the resumed run ends with the uninterrupted run's parameters."""
     straight = tmp_path / "straight"
