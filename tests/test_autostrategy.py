@@ -71,6 +71,7 @@ def test_the_choice_is_cached_per_key_and_variants_with_their_own_forward_are_no
     assert autostrategy.eligible(protonet) == [] and autostrategy.eligible(learner) == ["loop", "vmap"]
 
 
+@pytest.mark.slow   # three short trainings and a resume
 def test_a_probing_run_equals_a_run_told_its_choice_and_a_resume_keeps_it(tmp_path, glyphs, monkeypatch):  # noqa: F811
     data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")
     (tmp_path / "p").mkdir(), (tmp_path / "t").mkdir()

@@ -86,6 +86,7 @@ def assert_same_result(a: Path, b: Path) -> None:
     assert results(a) == results(b)
 
 
+@pytest.mark.slow   # ~19 s: `pytest -m "not slow"` stays under 5 minutes
 def test_kill_at_each_point_of_a_write_resumes_bit_exact(tmp_path):
     params = tiny(tmp_path)
     straight, run = tmp_path / "straight", tmp_path / "run"
