@@ -199,7 +199,6 @@ def one_line(result: dict, rc: int, *fragments: str) -> str:
     return errors[0]
 
 
-@pytest.mark.slow   # ~19 s: `pytest -m "not slow"` stays under 5 minutes
 def test_report_refuses_a_missing_empty_or_poorer_runs_folder_and_keeps_the_committed_report(world):
     w, out = world
     r = out["results"]

@@ -55,6 +55,7 @@ def errors(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
 
 
+@pytest.mark.slow   # ~13 s: `pytest -m "not slow"` stays under 5 minutes
 def test_a_second_training_on_the_folder_is_refused_and_a_killed_runs_mlflow_run_is_closed(tmp_path):
     params, run = tiny(tmp_path), tmp_path / "run"
     first = subprocess.Popen(train(params, run, tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
