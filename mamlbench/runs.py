@@ -31,10 +31,14 @@ def _resume_state(checkpoints) -> dict | None:
     return checkpoints.latest()
 
 
-def _log_provenance(tracker: Tracker, result: Path) -> None:
-    """The provenance the result file carries, onto the MLflow run (rank 0 wrote the file)."""
-    if result.is_file():
-        tracker.log_provenance(json.loads(result.read_text()).get("provenance", {}))
+def _log_provenance(tracker: Tracker, result: Path) -> dict:
+    """The provenance the result file carries, onto the MLflow run; returns the file's contents ({} where
+    there is none: under torchrun rank 0 alone writes it)."""
+    if not result.is_file():
+        return {}
+    contents = json.loads(result.read_text())
+    tracker.log_provenance(contents.get("provenance", {}))
+    return contents
 
 
 def _locked(run_dir: str | Path):
@@ -182,8 +186,7 @@ def _train_fewshot(params: Params, benchmark: str, algorithm: str, setting: str,
             fewshot.plot_run(run_dir, Path(run_dir) / "curve.png")
         for name in ("model.pt", "best.pt", "curve.csv", "clock.csv", "train.json", "curve.png"):
             tracker.log_artifact(Path(run_dir) / name)
-        _log_provenance(tracker, Path(run_dir) / "train.json")
-        chosen = guards.read_json(Path(run_dir) / "train.json").get("strategy", {}) if distributed.is_main() else {}
+        chosen = _log_provenance(tracker, Path(run_dir) / "train.json").get("strategy", {})
         tracker.set_tags({"strategy": chosen.get("choice"), "strategy_how": chosen.get("how")})
         tracker.log_metrics({f"probe/{s}_step_s": r["step_s"] for s, r in chosen.get("timings", {}).items()
                              if "error" not in r})
