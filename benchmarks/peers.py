@@ -21,7 +21,8 @@ Peers, each written as its own examples write MAML:
   Cython sources regenerated on Python 3.11, see benchmarks/README.md): per task the parameters as
   graph-connected copies, `autograd.grad(create_graph=True)` per inner step, a functional forward.
 mamlbench: its `loop`, `vmap` and `compiled` strategies and `auto` as a run would choose (the probe of
-`mamlbench.autostrategy`, timings included in the output). Ratios are against each peer.
+`mamlbench.autostrategy`, timings included in the output), also under `train.probe_max_memory_ratio: 1.5`.
+Ratios are against each peer.
 """
 from __future__ import annotations
 
@@ -158,15 +159,15 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             print(f"\n{cell}: compiled path's first call (compilation) {time.perf_counter() - t0:.1f} s")
         probe_learner = MAML(model, inner_lr=inner_lr, inner_steps=steps, loss_fn=loss_fn)
-        if args.no_compiled:
-            autostrategy.CANDIDATES = ("loop", "vmap")
         timings = autostrategy.probe(probe_learner, batch, lambda learner, opt, b: meta_update(learner, opt, b, None),
-                                     device)
+                                     device, candidates=strategies)
         chosen = autostrategy.fastest(timings)
         probed = ", ".join(f"{s} {r['step_s']:.3f}" if "step_s" in r else f"{s} failed" for s, r in timings.items())
         print(f"\n{cell}: auto's probe (s/step) {probed} -> {chosen}")
         results = run_variants(variants, model, loss_fn, inner_lr, batch, args.iters, args.warmup, device)
         results[f"mamlbench auto (= {chosen})"] = results[f"mamlbench {chosen}"]
+        capped = autostrategy.fastest(timings, max_memory_ratio=1.5)
+        results[f"auto, memory <=1.5x (= {capped})"] = results[f"mamlbench {capped}"]
         peers = [p for p in ("clone/adapt (l2l-style)", "higher", "TorchOpt") if p in results]
         print(f"{cell}: N={CELLS[cell][0]} K={CELLS[cell][1]} meta-batch {CELLS[cell][2]}, {steps} inner step(s); "
               f"median of {args.iters} round-robin meta-iterations after {args.warmup} warm-up")

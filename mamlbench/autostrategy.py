@@ -3,9 +3,10 @@ batch shapes and keep the fastest.
 
 A fixed rule (`core.choose_strategy`: compiled on CUDA, the per-task loop for conv nets on the CPU) is
 wrong on some workloads (issue 17: the compiled task-batched step was 1.40x the loop on Omniglot 5-way
-1-shot with one query per class on this CPU). So a long enough run (`train.probe_min_iterations`)
-probes: on the real learner and a real batch, each strategy gets one warm-up meta-step (which for
-`compiled` includes compilation, reported apart) and `steps` timed ones, with a throwaway optimiser;
+1-shot with one query per class on this CPU). So a run of `train.probe_min_iterations` or more
+probes loop and vmap, and from `train.compile_min_iterations` (long enough to repay compiling)
+compiled too: on the real learner and a real batch, each strategy gets one warm-up meta-step (which
+for `compiled` includes compilation, reported apart) and `steps` timed ones, with a throwaway optimiser;
 the learner's weights and buffers are restored afterwards and torch's RNG is forked, so the run's
 trajectory starts exactly where it would have. A strategy that runs out of memory, or exceeds
 `memory_fraction` of the device's memory, is out. The choice is cached per (device, torch version,
@@ -43,14 +44,15 @@ def persistent_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
-def eligible(learner) -> list[str]:
+def eligible(learner, candidates=None) -> list[str]:
     """Strategies this learner honours: MAML's own forward (MAML, first-order MAML, ANIL, Meta-SGD, BOIL...)
     runs all three (compiled where `fast.py` serves the learner); a variant with its own forward runs one."""
     from mamlbench.algorithms import fast
     from mamlbench.algorithms.maml import MAML
     if not isinstance(learner, MAML) or type(learner).forward is not MAML.forward:
         return []
-    return [s for s in CANDIDATES if s != "compiled" or fast.unsupported(learner) is None]
+    return [s for s in (CANDIDATES if candidates is None else candidates)
+            if s != "compiled" or fast.unsupported(learner) is None]
 
 
 def device_name(device: torch.device) -> str:
@@ -59,9 +61,11 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def cache_key(learner, batch, device: torch.device, variant: str) -> str:
+def cache_key(learner, batch, device: torch.device, variant: str, candidates=(),
+              max_memory_ratio: float | None = None) -> str:
     shapes = [tuple(t.shape) for t in batch]
-    parts = [device_name(device), torch.__version__, variant, repr(learner.model), shapes,
+    parts = [device_name(device), torch.__version__, variant, repr(learner.model), shapes, sorted(candidates),
+             max_memory_ratio,
              learner.first_order, learner.inner_steps, getattr(learner, "precision", "fp32"),
              getattr(learner, "checkpointing", False)]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
@@ -121,8 +125,9 @@ def _sync(device: torch.device) -> None:
 
 
 def probe(learner, batch, step: Callable, device: torch.device, *, steps: int = 3,
-          memory_fraction: float = 0.9) -> dict[str, dict]:
-    """{strategy: {"warmup_s", "step_s" (median), "peak_bytes"} or {"error"}} for each eligible one.
+          memory_fraction: float = 0.9, candidates=None) -> dict[str, dict]:
+    """{strategy: {"warmup_s", "step_s" (median), "peak_bytes"} or {"error"}} for each eligible one
+    of `candidates` (default `CANDIDATES`).
 
     `peak_bytes`: the rise of torch's allocated bytes (CUDA) or of the resident set (CPU, Linux: glibc
     trimmed first; approximate) over the timed steps; above `memory_fraction` of the device's memory
@@ -136,7 +141,7 @@ def probe(learner, batch, step: Callable, device: torch.device, *, steps: int = 
     limit = _memory_limit(device, memory_fraction)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for strategy in eligible(learner):
+            for strategy in eligible(learner, candidates):
                 learner.strategy = strategy
                 optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)   # real steps: the restore below matters
                 try:
@@ -168,23 +173,30 @@ def probe(learner, batch, step: Callable, device: torch.device, *, steps: int = 
     return results
 
 
-def fastest(results: dict[str, dict]) -> str:
-    ok = {s: r["step_s"] for s, r in results.items() if "error" not in r}
+def fastest(results: dict[str, dict], max_memory_ratio: float | None = None) -> str:
+    """The fastest strategy that ran; with `max_memory_ratio`, among those whose peak memory is within
+    that multiple of the lowest peak measured (the loop's, as a rule): speed bought with memory, capped."""
+    ok = {s: r for s, r in results.items() if "error" not in r}
     if not ok:
         raise RuntimeError(f"strategy probe: every strategy failed ({results})")
-    return min(ok, key=lambda s: (ok[s], CANDIDATES.index(s)))
+    peaks = [r["peak_bytes"] for r in ok.values() if r.get("peak_bytes")]
+    if max_memory_ratio is not None and peaks:
+        cap = max_memory_ratio * min(peaks)
+        ok = {s: r for s, r in ok.items() if r.get("peak_bytes", 0) <= cap}
+    return min(ok, key=lambda s: (ok[s]["step_s"], ("loop", "vmap", "compiled").index(s)))   # ties: least memory
 
 
 def choose(learner, batch, step: Callable, device: torch.device, variant: str, *, steps: int = 3,
-           cache: Path | None = None) -> dict:
+           cache: Path | None = None, candidates=None, max_memory_ratio: float | None = None) -> dict:
     """{"choice", "timings", "cached", "key"}: the cached choice for this key, else a fresh probe (cached)."""
-    key = cache_key(learner, batch, device, variant)
+    candidates = CANDIDATES if candidates is None else candidates
+    key = cache_key(learner, batch, device, variant, candidates, max_memory_ratio)
     path = (cache or cache_dir()) / "strategy.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     if key in known:
         return {**known[key], "cached": True, "key": key}
-    timings = probe(learner, batch, step, device, steps=steps)
-    entry = {"choice": fastest(timings), "timings": timings, "device": device_name(device), "torch": torch.__version__}
+    timings = probe(learner, batch, step, device, steps=steps, candidates=candidates)
+    entry = {"choice": fastest(timings, max_memory_ratio), "timings": timings, "device": device_name(device), "torch": torch.__version__}
     known[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, known)

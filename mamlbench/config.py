@@ -152,12 +152,17 @@ class FewShotTrainParams:
                                                "code on mini-ImageNet: 10, in the loss_reduction convention); "
                                                "null: no clipping.", gt=0)
     strategy: Strategy = knob("auto", "vmap, loop, compiled (vmap under torch.compile; maml, fomaml, anil, metasgd), "
-                                          "or auto: a run of probe_min_iterations or more times each eligible "
-                                          "strategy on its own batch and keeps the fastest (cached, kept in the "
-                                          "checkpoint); a shorter one uses the rule (compiled on CUDA, loop for "
-                                          "conv nets on the CPU).")
-    probe_min_iterations: int = knob(2000, "strategy auto: the shortest run that probes (a probe costs a few "
-                                           "meta-steps per strategy, and compiling).", ge=0)
+                                          "or auto: a run of probe_min_iterations or more times loop and vmap (and "
+                                          "compiled from compile_min_iterations) on its own batch and keeps the "
+                                          "fastest (cached, kept in the checkpoint); a shorter one uses the rule "
+                                          "(compiled on CUDA, loop for conv nets on the CPU).")
+    probe_min_iterations: int = knob(100, "strategy auto: the shortest run that probes (a few meta-steps per "
+                                          "strategy).", ge=0)
+    probe_max_memory_ratio: float | None = knob(None, "strategy auto: leave out a strategy whose peak memory in the "
+                                                      "probe passes this multiple of the lowest (the loop's): e.g. "
+                                                      "1.5; null: only the device's memory bounds it.", gt=0)
+    compile_min_iterations: int = knob(2000, "strategy auto: the shortest run whose probe includes compiled "
+                                             "(compiling takes one to three minutes on a CPU).", ge=0)
     probe_steps: int = knob(3, "strategy auto: timed meta-steps per strategy (after one warm-up).", ge=1)
     checkpointing: bool = knob(False, "Recompute each inner step in the backward: memory flat in inner_steps.")
     precision: Precision = knob("fp32", PRECISION_HELP)

@@ -96,7 +96,8 @@ def trajectory(params: Params, benchmark: str, algorithm: str, setting: str) -> 
     cell = fewshot_cell(params, benchmark, algorithm, setting)
     train = trajectory_settings(to_dict(cell.train),
                                 ("checkpoint_every", "log_every", "validate_every", "time_budget_minutes",
-                                 "probe_min_iterations", "probe_steps"))
+                                 "probe_min_iterations", "compile_min_iterations", "probe_steps",
+                                 "probe_max_memory_ratio"))
     bench = getattr(params, benchmark)
     return {"seed": params.seed, "benchmark": benchmark, "algorithm": algorithm, "model": cell.model,
             "hidden": cell.hidden, "network": [cell.norm, cell.norm_eps, cell.init],
@@ -245,7 +246,8 @@ def pick_strategy(learner, sampler, params: Params, benchmark: str, algorithm: s
                   global_classes: bool, resume_state: dict | None) -> dict:
     """Set `learner.strategy` for the run and say how it was chosen: the checkpoint's choice on a resume (a
     resumed run stays bit-exact), a measured one (`autostrategy`) for a long enough `auto` run in one
-    process, else the configured value (`auto`: the rule)."""
+    process (compiled among the candidates only where the run can repay compiling), else the configured
+    value (`auto`: the rule)."""
     autostrategy.persistent_compile_cache()
     if resume_state is not None:   # a checkpoint from before the probe existed trained by the rule
         kept = resume_state["extra"].get("strategy", {"choice": learner.strategy, "how": "rule"})
@@ -258,8 +260,10 @@ def pick_strategy(learner, sampler, params: Params, benchmark: str, algorithm: s
     sampler.generator.manual_seed(rng.derive_seed(params.seed, f"{benchmark}-{setting}-probe"))
     batch = sampler.gather(sampler.indices(cfg.meta_batch_size), global_classes)
     sampler.generator.set_state(generator_state)
+    candidates = [s for s in autostrategy.CANDIDATES if s != "compiled" or cfg.iterations >= cfg.compile_min_iterations]
     found = autostrategy.choose(learner, batch, lambda lr, opt, b: meta_update(
-        lr, opt, b, cfg.grad_clip, grad_clip_value=cfg.grad_clip_value), device, algorithm, steps=cfg.probe_steps)
+        lr, opt, b, cfg.grad_clip, grad_clip_value=cfg.grad_clip_value), device, algorithm, steps=cfg.probe_steps,
+        candidates=candidates, max_memory_ratio=cfg.probe_max_memory_ratio)
     learner.strategy = found["choice"]
     timings = ", ".join(f"{s} {r['step_s']:.3f} s/step" + (f" (first {r['warmup_s']:.1f} s)" if s == "compiled" else "")
                         if "error" not in r else f"{s}: {r['error']}" for s, r in found["timings"].items())

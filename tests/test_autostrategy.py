@@ -71,6 +71,30 @@ def test_the_choice_is_cached_per_key_and_variants_with_their_own_forward_are_no
     assert autostrategy.eligible(protonet) == [] and autostrategy.eligible(learner) == ["loop", "vmap"]
 
 
+def test_a_memory_ratio_caps_the_speed_bought_with_memory():
+    timings = {"loop": {"step_s": 0.40, "peak_bytes": 12 << 20}, "vmap": {"step_s": 0.22, "peak_bytes": 275 << 20},
+               "compiled": {"step_s": 0.17, "peak_bytes": 205 << 20}}
+    assert autostrategy.fastest(timings) == "compiled"
+    assert autostrategy.fastest(timings, max_memory_ratio=1.5) == "loop"
+    assert autostrategy.fastest(timings, max_memory_ratio=20) == "compiled"
+    assert autostrategy.fastest(timings, max_memory_ratio=17) == "loop"     # 205 > 17 x 12, 275 too
+    failed = {**timings, "compiled": {"error": "out of memory"}}
+    assert autostrategy.fastest(failed, max_memory_ratio=30) == "vmap"
+
+
+def test_a_run_too_short_to_repay_compiling_probes_without_it(tmp_path, glyphs, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(autostrategy, "CANDIDATES", ("loop", "vmap", "compiled"))
+    data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")
+    (tmp_path / "p").mkdir()
+    short = tiny(tmp_path / "p", probe_min_iterations=1, compile_min_iterations=10**6, probe_steps=1)
+    runs.train_fewshot(short, "omniglot", "maml", "5w1s", tmp_path / "a", progress=False, **data)
+    chosen = json.loads((tmp_path / "a" / "train.json").read_text())["strategy"]
+    assert chosen["how"] == "probe" and set(chosen["timings"]) == {"loop", "vmap"}
+    unprobed = tiny(tmp_path / "p", probe_min_iterations=10**6)
+    runs.train_fewshot(unprobed, "omniglot", "maml", "5w1s", tmp_path / "b", progress=False, **data)
+    assert json.loads((tmp_path / "b" / "train.json").read_text())["strategy"] == {"choice": "auto", "how": "rule"}
+
+
 @pytest.mark.slow   # three short trainings and a resume
 def test_a_probing_run_equals_a_run_told_its_choice_and_a_resume_keeps_it(tmp_path, glyphs, monkeypatch):  # noqa: F811
     data = dict(prepared=glyphs / "prepared", episodes_dir=glyphs / "episodes")

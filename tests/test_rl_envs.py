@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mamlbench.rl.envs import UnknownEnvError, make_env, sample_tasks
+from mamlbench.rl.envs import NavigationVectorEnv, UnknownEnvError, make_env, sample_tasks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,6 +115,51 @@ def test_vector_env_gives_each_sub_env_its_task():
     envs.set_attr("task", tasks)
     assert list(envs.get_attr("task")) == tasks
     envs.close()
+
+
+def test_navigation_vector_env_is_sync_vector_env_bit_for_bit():
+    """The array env against gymnasium's SyncVectorEnv over single envs: goals one move away
+    terminate at step 1 (then autoreset at step 2: reward 0, obs 0), a horizon of 3 truncates the
+    others, and random actions (clipped or not) give identical float64 rewards and float32 states."""
+    horizon, rng = 3, np.random.default_rng(0)
+    tasks = [{"goal_x": 0.05, "goal_y": 0.0}, {"goal_x": -0.3, "goal_y": 0.2}, {"goal_x": 0.0, "goal_y": -0.1}]
+    reference = gym.vector.SyncVectorEnv([lambda: make_env("navigation", horizon)] * 3)
+    arrays = NavigationVectorEnv(3, horizon)
+    actions = [np.array([[0.5, 0.0], [0.3, -2.0], [0.0, -1.0]], dtype=np.float32)]   # envs 0 and 2 reach their goals
+    actions += [rng.uniform(-1.5, 1.5, (3, 2)).astype(np.float32) for _ in range(5)]
+    outs = []
+    for envs in (reference, arrays):
+        envs.set_attr("task", tasks)
+        first, _ = envs.reset(seed=[1, 2, 3])
+        steps = [first]
+        for a in actions:
+            steps.append(envs.step(a)[:4])
+        outs.append(steps)
+    ref, arr = outs
+    np.testing.assert_array_equal(ref[0], arr[0])
+    for r, a in zip(ref[1:], arr[1:]):
+        for x, y in zip(r, a):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
+    assert ref[1][2].tolist() == [True, False, True]                     # terminated at the goal
+    assert ref[2][1][[0, 2]].tolist() == [0.0, 0.0]                      # autoreset step
+    assert ref[3][3][1] and not ref[3][2][1]                             # env 1 truncated at the horizon
+
+
+def test_sampler_native_navigation_env_gives_the_gymnasium_episodes():
+    from mamlbench.rl.maml_trpo import make_policy
+    from mamlbench.algorithms.core import split_state
+    from mamlbench.rl.sampler import Sampler
+    policy = make_policy(2, 2, [8], seed=0)
+    params, buffers = split_state(policy)
+    tasks = sample_tasks("navigation", 4, seed=0)
+    native = Sampler("navigation", 20, "sync")
+    gymnasium_envs = Sampler("navigation", 20, "sync")
+    gymnasium_envs._envs = gym.vector.SyncVectorEnv([lambda: make_env("navigation", 20)] * 12)
+    a, b = (s.sample(policy, params, buffers, tasks, 3, (0, 1)) for s in (native, gymnasium_envs))
+    assert isinstance(native._envs, NavigationVectorEnv)
+    for name in ("obs", "actions", "rewards", "mask"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def test_unknown_env_is_a_value_error():

@@ -81,6 +81,47 @@ class Navigation2DEnv(gym.Env):
         return self._state.astype(np.float32), -distance, terminated, truncated, {"task": self._task}
 
 
+class NavigationVectorEnv:
+    """`num_envs` copies of `Navigation2DEnv` stepped as arrays: what `SyncVectorEnv` over them
+    returns, bit for bit (its next-step autoreset included), without a Python call per copy.
+
+    Only what `Sampler` uses: `set_attr("task", tasks)`, `reset(seed=...)`, `step`, `close`. The
+    arithmetic is the single env's, elementwise: float64 state, `move`, `hypot`, float32 observations.
+    """
+
+    def __init__(self, num_envs: int, horizon: int = 100):
+        self.num_envs, self.horizon = num_envs, horizon
+        self._goal = np.zeros((num_envs, 2))
+        self._state = np.zeros((num_envs, 2))
+        self._t = np.zeros(num_envs, dtype=np.int64)
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+
+    def set_attr(self, name: str, values: list[Task]) -> None:
+        if name != "task" or len(values) != self.num_envs:
+            raise ValueError(f"set_attr takes {self.num_envs} tasks as 'task', got {name!r} x {len(values)}")
+        self._goal = np.array([[t["goal_x"], t["goal_y"]] for t in values], dtype=np.float64)
+
+    def reset(self, *, seed=None, options=None):
+        self._state[:] = 0.0
+        self._t[:] = 0
+        self._autoreset[:] = False
+        return self._state.astype(np.float32), {}
+
+    def step(self, actions: np.ndarray):
+        live = ~self._autoreset
+        state = np.where(live[:, None], self._state + Navigation2DEnv.move(actions), 0.0)
+        t = np.where(live, self._t + 1, 0)
+        d = state - self._goal
+        terminated = live & (np.abs(d[:, 0]) < 0.01) & (np.abs(d[:, 1]) < 0.01)
+        truncated = live & (t >= self.horizon) & ~terminated
+        reward = np.where(live, -np.hypot(d[:, 0], d[:, 1]), 0.0)
+        self._state, self._t, self._autoreset = state, t, terminated | truncated
+        return state.astype(np.float32), reward, terminated, truncated, {}
+
+    def close(self) -> None:
+        pass
+
+
 class LocomotionTask(gym.Wrapper):
     """A MuJoCo locomotion env whose forward reward is the task's; the env's own costs are kept.
 
@@ -208,6 +249,9 @@ def _ant(mode: str, horizon: int, frame_skip: int = 2, reset: str = "rllab", obs
                           velocity_bonus=1.0 if mode == "velocity" else 0.0, reset=reset, observation=observation,
                           rllab_obs=ant_rllab_obs, init_qpos=np.array(ANT_RLLAB_INIT_QPOS) if reset == "rllab" else None)
 
+
+# Families with a native vector env: `Sampler(vector="sync")` uses it (the same episodes, bit for bit).
+VECTOR_ENVS: dict[str, Callable[[int, int], Any]] = {"navigation": NavigationVectorEnv}
 
 ENVS: dict[str, Callable[..., gym.Env]] = {
     "navigation": lambda horizon, **_: Navigation2DEnv(horizon),

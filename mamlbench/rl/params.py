@@ -81,7 +81,10 @@ class RLParams:
     """Meta-RL (issue 5): which environments the pipeline runs, and one section per environment."""
     envs: list[str] = knob(["navigation"], "Environments `dvc repro` trains and evaluates (HalfCheetah and "
                                            "Ant take hours per run; opt in).", choices=list(ENV_NAMES))
-    threads: int = knob(1, "torch threads: the policy is small, the cores are better spent on envs.", ge=1)
+    threads: int | None = knob(None, "torch threads; null: torch's default (one per core). The TRPO update's "
+                                     "Fisher-vector products are 85% of a 2D-navigation iteration and run 1.6x "
+                                     "faster on 2 threads than 1; the env workers idle meanwhile. 1 where runs "
+                                     "share the cores.", ge=1)
     navigation: RLEnvParams = section(RLEnvParams)
     halfcheetah_dir: RLEnvParams = _env(horizon=200, meta_batch_size=40, iterations=30, pretrain_iterations=30)
     halfcheetah_vel: RLEnvParams = _env(horizon=200, meta_batch_size=40, iterations=30, pretrain_iterations=30)

@@ -28,7 +28,8 @@ def _setup(params_path: str | Path, env: str, seed: int | None = None,
            profile: str | None = None) -> tuple[Params, RLEnvParams]:
     params = load_params(params_path, profile, seed=seed)
     p = params.rl.env(env)
-    torch.set_num_threads(params.rl.threads)
+    if params.rl.threads is not None:
+        torch.set_num_threads(params.rl.threads)
     return params, p
 
 

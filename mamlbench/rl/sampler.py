@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlbench.algorithms.core import Params
-from mamlbench.rl.envs import Task, make_env
+from mamlbench.rl.envs import VECTOR_ENVS, Task, make_env
 from mamlbench.rl.policy import batched_forward
 
 
@@ -129,7 +129,7 @@ class Sampler:
         env_name: a key of `envs.ENVS`.
         horizon: steps per episode at most.
         vector: "sync" steps the sub-environments in this process (best for cheap envs and few
-            cores); "async" runs each in its own process (`gymnasium.vector.AsyncVectorEnv`);
+            cores), as arrays where the family has a native vector env (`envs.VECTOR_ENVS`); "async" runs each in its own process (`gymnasium.vector.AsyncVectorEnv`);
             "sharded" splits them over `workers` processes (`ShardedVectorEnv`: MuJoCo on all cores).
         workers: processes of the sharded vector env.
         env_options: keyword arguments of `make_env` (`RLEnvParams.env_options()`); None: its defaults.
@@ -141,18 +141,20 @@ class Sampler:
             raise ValueError(f"vector must be sync, async or sharded, got {vector!r}")
         self.env_name, self.horizon, self.vector, self.workers = env_name, horizon, vector, workers
         self.env_options = dict(env_options or {})
-        self._envs: gym.vector.VectorEnv | ShardedVectorEnv | None = None
+        self._envs: Any = None
         probe = make_env(env_name, horizon, **self.env_options)
         self.obs_dim = probe.observation_space.shape[0]
         self.act_dim = probe.action_space.shape[0]
         probe.close()
 
-    def vector_env(self, n: int) -> gym.vector.VectorEnv | ShardedVectorEnv:
+    def vector_env(self, n: int) -> Any:
         """The vector env of `n` sub-environments, rebuilt only when `n` changes."""
         if self._envs is None or self._envs.num_envs != n:
             self.close()
             fns = [partial(make_env, self.env_name, self.horizon, **self.env_options)] * n
-            if self.vector == "sharded":
+            if self.vector == "sync" and self.env_name in VECTOR_ENVS:
+                self._envs = VECTOR_ENVS[self.env_name](n, self.horizon)
+            elif self.vector == "sharded":
                 self._envs = ShardedVectorEnv(fns, self.workers)
             else:
                 cls = gym.vector.SyncVectorEnv if self.vector == "sync" else gym.vector.AsyncVectorEnv
