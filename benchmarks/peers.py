@@ -4,6 +4,7 @@ peak memory, all in one process, timed round-robin (drift hits every variant ali
     pip install -e ".[bench]"                        # higher 0.2.1, TorchOpt 0.7.3
     python benchmarks/peers.py                       # 5w1s 5w5s 20w1s 20w5s, CPU (or CUDA when present)
     python benchmarks/peers.py --cells 5w1s --iters 3 --no-compiled
+    python benchmarks/peers.py --evaluation --iters 3   # evaluation's inner loop: loop against vmap
 
 Workloads: `profile: paper`'s Omniglot cells (docs/protocols.md): the MAML conv4 (4 x [3x3 conv 64
 stride 2, BatchNorm, ReLU] + linear head, Xavier init), second order, K queries per class, the
@@ -27,6 +28,7 @@ Ratios are against each peer.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -131,12 +133,32 @@ def core_step(strategy: str, steps: int):
     return step
 
 
+def evaluation(cell: str, model, loss_fn, inner_lr: float, steps: int, device, iters: int) -> None:
+    """Evaluation's trajectory (`MAML.trajectory`: first order, no graph) on 100 episodes x 10 steps."""
+    from mamlbench.fewshot import accuracy
+    n, k = CELLS[cell][:2]
+    g = torch.Generator().manual_seed(2)
+    images = (torch.rand(100, n * k, 1, 28, 28, generator=g) > 0.8).float().to(device)
+    labels = torch.arange(n).repeat_interleave(k).repeat(100, 1).to(device)
+    times = {s: [] for s in ("loop", "vmap")}
+    learners = {s: MAML(model, inner_lr=inner_lr, inner_steps=steps, strategy=s, loss_fn=loss_fn) for s in times}
+    for _ in range(iters):   # round-robin
+        for s, learner in learners.items():
+            start = time.perf_counter()
+            learner.trajectory(images, labels, images, labels, inner_steps=10, metric=accuracy)
+            times[s].append(time.perf_counter() - start)
+    loop, vmap = (statistics.median(times[s]) for s in ("loop", "vmap"))
+    print(f"{cell} evaluation, 100 episodes x 10 steps: loop {loop:.2f} s, vmap {vmap:.2f} s ({loop / vmap:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", default="5w1s,5w5s,20w1s,20w5s")
     parser.add_argument("--iters", type=int, default=5, help="timed meta-iterations per variant")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--evaluation", action="store_true", help="time evaluation instead (first order, 100 "
+                                                                   "episodes x 10 inner steps): loop against vmap")
     parser.add_argument("--no-compiled", action="store_true", help="skip the compiled path (compiling takes "
                                                                    "a minute or more on a CPU)")
     args = parser.parse_args()
@@ -144,6 +166,9 @@ def main() -> None:
     print(f"device={autostrategy.device_name(device)} torch={torch.__version__}")
     for cell in args.cells.split(","):
         model, loss_fn, inner_lr, steps, batch = workload(cell, device)
+        if args.evaluation:
+            evaluation(cell, model, loss_fn, inner_lr, steps, device, args.iters)
+            continue
         variants = {"clone/adapt (l2l-style)": clone_adapt_step(steps)}
         for name, make in (("higher", higher_step), ("TorchOpt", torchopt_step)):
             try:
