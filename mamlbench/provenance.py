@@ -110,17 +110,52 @@ def identity(root: str, settings: Any, data: str = NO_DATA) -> RunIdentity:
 
 
 # ----------------------------------------------------------------------------- the environment
+def _pipeline_outputs(top: Path) -> set[str]:
+    """The paths `dvc.lock` records as stage outputs: `dvc repro` rewrites the git-kept ones (the report,
+    reports/rl/<env>/seed<k>/) while later stages still run, so they say nothing about the code a result
+    came from. Empty when there is no readable lock (one being rewritten this instant included)."""
+    import yaml
+    try:
+        lock = yaml.safe_load((top / "dvc.lock").read_text()) or {}
+        stages = lock.get("stages") or {}
+        return {str(out["path"]).rstrip("/") for stage in stages.values() for out in stage.get("outs") or []}
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return set()
+
+
+def _dvc_bookkeeping(path: str, outputs: set[str]) -> bool:
+    """DVC's own files (the lock, `.dvc/`, `*.dvc` pointers) and the pipeline's outputs: `dvc repro` edits
+    them mid-run, so counting them would call every result of a clean checkout dirty."""
+    parts = path.split("/")
+    return (parts[-1] == "dvc.lock" or parts[0] == ".dvc" or path.endswith(".dvc")
+            or any(path == out or path.startswith(out + "/") for out in outputs))
+
+
 @lru_cache(maxsize=None)
 def git_state(root: str | os.PathLike = ".") -> tuple[str, bool | None]:
-    """(commit, dirty) of the git work tree at `root`; ("unknown", None) outside git."""
+    """(commit, dirty) of the git work tree at `root`; ("unknown", None) outside git. Dirty: a tracked file
+    differs from the commit, DVC's bookkeeping left out (`_dvc_bookkeeping`)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD", "--show-toplevel"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
         if head.returncode != 0:
             return "unknown", None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        commit, top = head.stdout.split("\n")[:2]
+        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=no"], cwd=root,
                                 capture_output=True, text=True, timeout=30)
-        return head.stdout.strip(), (bool(status.stdout.strip()) if status.returncode == 0 else None)
-    except (OSError, subprocess.SubprocessError):
+        if status.returncode != 0:
+            return commit, None
+        # -z: "XY path\0", a rename or copy followed by "origin\0"; paths from the top of the work tree
+        entries, changed = status.stdout.split("\0"), []
+        while entries:
+            entry = entries.pop(0)
+            if entry:
+                changed.append(entry[3:])
+                if entry[0] in "RC" and entries:
+                    changed.append(entries.pop(0))
+        outputs = _pipeline_outputs(Path(top))
+        return commit, any(not _dvc_bookkeeping(path, outputs) for path in changed)
+    except (OSError, subprocess.SubprocessError, ValueError):
         return "unknown", None
 
 

@@ -296,3 +296,47 @@ def test_fewshot_budget_validates_the_last_model_and_new_data_starts_afresh(tmp_
                                prepared=other / "prepared", episodes_dir=other / "episodes")
     err = capsys.readouterr().err
     assert fresh["resumed_from"] == 0 and "its data differs" in err, err
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_dvc_rewriting_its_lock_and_outputs_mid_run_leaves_the_tree_clean(tmp_path):
+    """`dvc repro` rewrites dvc.lock and the git-kept outputs between stages: only a source edit is dirt."""
+    from mamlbench.provenance import git_state
+    repo = tmp_path / "repo"
+    (repo / "mamlbench").mkdir(parents=True)
+    (repo / ".dvc").mkdir()
+    (repo / "reports" / "figures").mkdir(parents=True)
+    (repo / "mamlbench" / "train.py").write_text("STEPS = 1\n")
+    (repo / ".dvc" / "config").write_text("[core]\n")
+    (repo / "reports" / "README.md").write_text("old report\n")
+    (repo / "reports" / "figures" / "curves.png").write_bytes(b"old")
+    (repo / "reports" / "NOTE.md").write_text("written by hand\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages:\n  report:\n    cmd: python stages/report.py\n    outs:\n"
+                                   "    - path: reports/README.md\n      md5: a\n    - path: reports/figures\n"
+                                   "      md5: b.dir\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "tracked")
+
+    def dirty() -> bool | None:
+        git_state.cache_clear()   # one answer per process: the test edits the tree between calls
+        return git_state(str(repo))[1]
+
+    assert dirty() is False
+    (repo / "dvc.lock").write_text((repo / "dvc.lock").read_text().replace("md5: a", "md5: c"))
+    (repo / ".dvc" / "config").write_text("[core]\n    autostage = true\n")
+    (repo / "reports" / "README.md").write_text("new report\n")
+    (repo / "reports" / "figures" / "curves.png").write_bytes(b"new")
+    assert dirty() is False
+    (repo / "reports" / "NOTE.md").write_text("edited\n")   # tracked, no stage writes it
+    assert dirty() is True
+    _git(repo, "checkout", "--", "reports/NOTE.md")
+    (repo / "mamlbench" / "train.py").write_text("STEPS = 2\n")
+    assert dirty() is True
+    assert git_state(str(repo))[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                                     text=True).stdout.strip()
+    git_state.cache_clear()
