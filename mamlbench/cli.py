@@ -169,6 +169,18 @@ def report_reference(runs_dir: Path = typer.Option(..., "--runs", help="Root of 
     typer.echo(f"wrote {build_reference(runs_dir, out, quick=quick, note=note)}")
 
 
+@app.command("report-full")
+def report_full(runs_dir: Path = typer.Option(..., "--runs", help="Root of the full-budget runs "
+                                              "(omniglot/<profile>-<variant>-<setting>-seed<k>, logs/)."),
+                note: Optional[Path] = typer.Option(None, help="A markdown file put under the title."),
+                out: Path = typer.Option(Path("reports/full"), help="README.md, curves.png and runs/ (the files "
+                                         "read, released models, carried checkpoints) go here."),
+                ) -> None:
+    """Few-shot cells at their protocol's whole budget: result, paper, updates, curve, released models."""
+    from mamlbench.reference import build_full
+    typer.echo(f"wrote {build_full(runs_dir, out, note=note)}")
+
+
 @app.command()
 def compare(a: Path = typer.Argument(..., help="An evaluation folder (holding per_episode.csv)."),
             b: Path = typer.Argument(..., help="Another, evaluated on the same episodes."),

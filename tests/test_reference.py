@@ -113,3 +113,85 @@ def test_validation_curve_is_accuracy_at_wall_time(tmp_path):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no reference runs"):
         build_reference(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_each_variant_is_compared_at_matched_time_and_at_matched_updates(tmp_path):
+    """Matched time: the paired test difference. Matched updates: validation accuracy at the last update
+    both cells validated at, with an unpaired CI from each cell's per-episode test sd; an ordering is
+    stated only where both CIs are clear of zero on the same side."""
+    rng = np.random.default_rng(1)
+    maml = (rng.random(600) < 0.7).astype(float)
+    better = np.maximum(maml, (rng.random(600) < 0.5).astype(float))   # beats MAML on the same episodes
+    runs = tmp_path / "runs"
+    _cell(runs, "maml-5w1s-seed0", maml, 40, 600.0, [(20, 300.0, 0.60), (40, 600.0, 0.70)])
+    _cell(runs, "anil-5w1s-seed0", better, 80, 600.0, [(20, 150.0, 0.62), (40, 300.0, 0.71), (80, 600.0, 0.9)])
+    _cell(runs, "metasgd-5w1s-seed0", better, 40, 600.0, [(20, 300.0, 0.80), (40, 600.0, 0.95)])
+    text = build_reference(runs, tmp_path / "out").read_text()
+
+    n_val = fewshot_cell(load_params(ROOT / "params.yaml", profile="reference"), "omniglot", "maml", "5w1s").train.n_val_episodes
+    ci = 196 * math.sqrt(better.var() / n_val + maml.var() / n_val)
+    d = better - maml
+    paired = f"{100 * d.mean():+.2f} ± {196 * d.std() / math.sqrt(600):.2f}"
+    anil = next(line for line in text.splitlines() if line.startswith("| ANIL | 5w1s"))
+    assert f"| {paired} | {100 * (0.71 - 0.70):+.2f} ± {ci:.2f} at 40 |" in anil   # the last common validation: 40
+    assert "| 80 ⚠ unequal |" in anil                                               # twice MAML's updates
+    metasgd = next(line for line in text.splitlines() if line.startswith("| Meta-SGD | 5w1s"))
+    assert f"| {paired} | {100 * (0.95 - 0.70):+.2f} ± {ci:.2f} at 40 |" in metasgd and "⚠ unequal" not in metasgd
+    assert 100 * d.mean() > 196 * d.std() / math.sqrt(600) and 25 > ci > 1   # the data behind the sentence below
+    assert ("Under both matchings: Meta-SGD > MAML. Not under both (no ordering the data supports): "
+            "ANIL (> at matched time, tied at matched updates)") in text
+
+    # a protocol that tests another model than MAML's final one is named in the paired column
+    metrics = json.loads((runs / "omniglot" / "anil-5w1s-seed0" / "eval" / "metrics.json").read_text())
+    (runs / "omniglot" / "anil-5w1s-seed0" / "eval" / "metrics.json").write_text(
+        json.dumps({**metrics, "checkpoint": "best.pt"}))
+    assert f"| {paired} (best on validation vs MAML's final model) |" in build_reference(runs, tmp_path / "o2").read_text()
+
+
+def _save_checkpoint(folder: Path, iteration: int, validations: dict[int, float], seconds: float) -> None:
+    from mamlbench.io import save_torch
+    history = [{"iteration": i, "meta_train/query_loss": 1.0, **({"meta_val/query_acc": validations[i]}
+                                                                   if i in validations else {})}
+               for i in range(100, iteration + 1, 100)]
+    clock = [(row["iteration"], seconds * row["iteration"] / iteration) for row in history]
+    save_torch(folder / "checkpoints" / f"ckpt-{iteration:08d}.pt",
+               {"iteration": iteration, "history": history, "clock": clock, "seconds": seconds})
+
+
+def test_full_budget_page_releases_finished_models_and_carries_unfinished_checkpoints(tmp_path):
+    from mamlbench.reference import build_full
+    runs = tmp_path / "runs"
+    done = runs / "omniglot" / "paper_noconv-maml-5w1s-seed0"
+    per_episode = np.r_[np.ones(540), np.zeros(60)]               # 90.00% on 600 episodes
+    _cell(runs, "x", per_episode, 400, 7200.0, [(200, 3600.0, 0.951), (400, 7200.0, 0.985)])
+    (runs / "omniglot" / "x").rename(done)
+    train = json.loads((done / "train.json").read_text())
+    (done / "train.json").write_text(json.dumps({**train, "provenance": {**train["provenance"], "profile": "paper_noconv"}}))
+    (done / "model.pt").write_bytes(b"weights")
+    (done / "checkpoints").mkdir()
+    (done / "checkpoints" / "ckpt-00000400.pt").write_bytes(b"not carried: the cell is finished")
+    going = runs / "omniglot" / "paper-fomaml-5w1s-seed0"
+    (going / "checkpoints").mkdir(parents=True)
+    _save_checkpoint(going, 200, {100: 0.5}, 60.0)
+    _save_checkpoint(going, 300, {100: 0.5, 300: 0.96}, 90.0)
+    (runs / "logs").mkdir()
+    (runs / "logs" / "paper-fomaml-5w1s-seed0.log").write_text(
+        "# 2026-12-08T00:37:12Z start 73836b1 vm (Test CPU) load: 0.60 0.76 0.38 sitting left: 8100s\n")
+    out = tmp_path / "full"
+    text = build_full(runs, out).read_text()
+
+    finished = next(line for line in text.splitlines() if line.startswith("| fully connected"))
+    ci = 196 * per_episode.std() / math.sqrt(600)
+    assert f"| 90.00 ± {ci:.2f} | 89.7 ± 1.1 | yes |" in finished         # |90.0 − 89.7| < CI + 1.1
+    assert "| 400 of 60,000 ⚠ unfinished |" in finished and "| 2.00 |" in finished
+    assert "| 200 | 400 |" in finished                                     # first ≥ 95%, first ≥ 98%
+    unfinished = next(line for line in text.splitlines() if "first-order MAML" in line)
+    assert "| training | 98.3 ± 0.5 | — | 300 of 60,000 ⚠ unfinished |" in unfinished
+    assert "| 300 | — | 73836b1 | Test CPU | 0.60 |" in unfinished
+    kept = out / "runs" / "omniglot"
+    assert (kept / done.name / "model.pt").read_bytes() == b"weights"
+    assert not (kept / done.name / "checkpoints").exists()                 # a finished cell carries no checkpoint
+    assert [p.name for p in (kept / going.name / "checkpoints").iterdir()] == ["ckpt-00000300.pt"]
+    first = ((out / "README.md").read_bytes(), (out / "curves.png").read_bytes())
+    build_full(out / "runs", out)
+    assert ((out / "README.md").read_bytes(), (out / "curves.png").read_bytes()) == first
