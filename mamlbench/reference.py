@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mamlbench.config import fewshot_train, load_params
+from mamlbench.config import fewshot_cell, load_params
 from mamlbench.guards import read_json
 from mamlbench.io import write_text
 from mamlbench.report import PAPER, _plt, final_step, paired_files, pct, provenance_line, save_figure, seeds_ci95, table
@@ -210,7 +210,7 @@ def budget_table(cells: pd.DataFrame, runs: Path) -> pd.DataFrame:
             "accuracy % (95% CI)": "—" if mean is None else f"{pct(mean, ci)} ({over})",
             "paper %": "—" if paper is None else f"{paper[0]:.2f}" + (f" ± {paper[1]:.2f}" if paper[1] else ""),
             "ours − paper": "—" if mean is None or paper is None else f"{100 * mean - paper[0]:+.2f}",
-            "protocol": PROTOCOLS.get(algorithm, "—"),
+            "protocol": PROTOCOLS.get(algorithm, "—"), "head init": _head_init(algorithm, setting),
             "− MAML at matched wall time, paired (seed 0)": _against_maml(cells, algorithm, setting),
             "− MAML at matched updates, validation (seed 0)": _matched_text(matched_updates(cells, algorithm, setting)),
             "meta-updates reached": (" / ".join(f"{i:,}" for i in iterations) or "—") + _unequal(cells, group, setting),
@@ -296,9 +296,26 @@ def _episode_sd(folder: Path) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def cell_train(algorithm: str, setting: str, profile: str, params_path: str = "params.yaml"):
-    """The train section a cell ran under its profile (validation episodes, meta-batch)."""
-    return fewshot_train(load_params(params_path, profile=profile), "omniglot", algorithm, setting)
+def cell_sections(algorithm: str, setting: str, profile: str, params_path: str = "params.yaml"):
+    """The sections a cell ran under its profile (network, init; validation episodes, meta-batch)."""
+    return fewshot_cell(load_params(params_path, profile=profile), "omniglot", algorithm, setting)
+
+
+def cell_train(algorithm: str, setting: str, profile: str):
+    return cell_sections(algorithm, setting, profile).train
+
+
+def _head_init(algorithm: str, setting: str) -> str:
+    """The Omniglot head's initial weights under the paper protocol: the original's N(0, 1) head is
+    what MAML starts from, and short budgets partly rank how fast a head recovers from it."""
+    # heads set from the support set per task: the meta-learned head's init never reaches a test episode
+    per_task = {"protonet": "none (prototypes)", "protomaml": "prototypes", "baseline": "fitted per episode"}
+    if algorithm in per_task:
+        return per_task[algorithm]
+    cell = cell_sections(algorithm, setting, "paper")
+    if cell.model == "conv4_omniglot":
+        return "N(0, 1)" if cell.init == "reference" else "PyTorch's"
+    return {"vgg_mamlpp": "Xavier", "conv4_reptile_omniglot": "Glorot"}.get(cell.model, "PyTorch's" if cell.init == "torch" else cell.init)
 
 
 def matched_updates(cells: pd.DataFrame, algorithm: str, setting: str) -> dict | None:
@@ -475,7 +492,10 @@ def build_reference(runs: str | Path, out: str | Path, quick: str | Path | None 
                   "at, with an unpaired 95% CI (1.96 · √(sd²/n + sd²/n), each cell's per-episode sd from its test",
                   "episodes, n its validation episodes). A variant's update is its own protocol's (a meta-batch",
                   "of tasks for most; one episode for Prototypical Networks, one 15-image batch for the",
-                  "Baseline), so matched updates are matched data only between meta-batched variants. Load:",
+                  "Baseline), so matched updates are matched data only between meta-batched variants. Head",
+                  "init: the classifier head's initial weights; the original MAML code's N(0, 1) head takes",
+                  "updates to recover from, so at these budgets a ranking partly measures head initialisation",
+                  "(heads set from each task's support set start elsewhere). Load:",
                   "the machine's 1-minute load average when the cell started and ended; two cells shared the 2",
                   "cores (one thread each), so about 2 is the norm and more means other work slowed the cell.", "",
                   table(budget_table(cells, runs)), ""]
