@@ -23,7 +23,8 @@ for cell in "$@"; do
   [ "$left" -gt 60 ] || break
   opts=(omniglot -a "$algorithm" -s "$setting" --seed "$seed" --profile "$profile"
         --prepared "$DATA/prepared/omniglot" --episodes "$DATA/episodes/omniglot")
-  echo "# $(date -u +%FT%TZ) start $(git rev-parse --short HEAD) $(uname -n) load: $(cut -d' ' -f1-3 /proc/loadavg) sitting left: ${left}s" >>"$log"
+  cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+  echo "# $(date -u +%FT%TZ) start $(git rev-parse --short HEAD) $(uname -n) ($cpu, $(nproc) cores) load: $(cut -d' ' -f1-3 /proc/loadavg) sitting left: ${left}s" >>"$log"
   if timeout -s TERM "$left" mamlbench train "${opts[@]}" --run-dir "$run" --no-progress >>"$log" 2>&1; then
     mamlbench evaluate "${opts[@]}" --runs "$run" --out "$run/eval" >>"$log" 2>&1
     echo "# $(date -u +%FT%TZ) done load: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$log"
