@@ -1,5 +1,6 @@
 """The report on metrics files the test writes: tables with CIs and the paper's numbers, paired
-comparisons with known differences, the mean over seeds, and byte-identical output on a re-run."""
+comparisons with known differences, the mean over seeds, byte-identical output on a re-run; a short
+profile's report says it ranks nothing."""
 from __future__ import annotations
 
 import json
@@ -72,12 +73,16 @@ def test_report_tables_paired_comparisons_and_determinism(synthetic):
     params = load_params(params_path)
     written = build_report(params, root / "runs", root / "reports")
     text = (root / "reports" / "README.md").read_text()
-    # one table per benchmark, the paper's number beside ours and the difference
+    # a quick report says first that it ranks nothing and where the protocol numbers are
+    assert text.splitlines()[4].startswith("**A smoke run: profile `quick`'s budgets rank nothing.**")
+    assert "(reference/README.md)" in text.splitlines()[4] and "60,000" in text.splitlines()[4]
+    # one table per benchmark, the paper's number beside ours as context, no difference at smoke budgets
+    assert "ours − paper" not in text
     for heading in ("## Sinusoid regression", "## Omniglot", "## mini-ImageNet", "### navigation"):
         assert heading in text
     maml_row = next(line for line in text.splitlines() if line.startswith("| maml | 5w1s"))
     assert "98.70 ± 0.40" in maml_row and "| 2 |" in maml_row          # paper number, two seeds
-    assert "| anil | 5w1s" in text and "| — | — |" in text.split("| anil | 5w1s")[1].splitlines()[0]
+    assert text.split("| anil | 5w1s")[1].splitlines()[0].endswith("| — |")   # no published ANIL Omniglot number
     # paired against MAML on the same episodes: exactly -10 and -20 points, mean -15
     assert "| anil | 5w1s | 0 | -10.00 ± 0.00 | 0 / 50 / 0 |" in text
     assert "| anil | 5w1s | 1 | -20.00 ± 0.00 | 0 / 50 / 0 |" in text
@@ -102,3 +107,13 @@ def test_paired_files_refuses_different_episodes(synthetic):
     assert paired_files(a, a)["diff"] == 0
     with pytest.raises(ValueError, match="same episodes"):
         paired_files(a, short)
+
+
+def test_a_paper_profile_report_sets_each_cell_against_the_paper(synthetic):
+    root, params_path = synthetic
+    paper = write_params(root / "paper.yaml", {"profile": "paper"}, base=params_path)
+    text = build_report(load_params(paper), root / "runs", root / "reports")[0].read_text()
+    assert "smoke run" not in text and "| ours − paper |" in text
+    maml_row = next(line for line in text.splitlines() if line.startswith("| maml | 5w1s"))
+    mean = float(maml_row.split(" | ")[5].split(" ± ")[0])   # the mean over the two seeds
+    assert maml_row.endswith(f"| 98.70 ± 0.40 | {mean - 98.7:+.2f} |")
