@@ -3,10 +3,11 @@
 One table per benchmark (variant x setting: mean and 95% CI, the paper's number beside it, and the
 difference only under `profile: paper`: at a short profile's budgets it would rank the variants by how
 far each got, which such a report must not seem to do), paired comparisons of every variant against MAML
-on the same test episodes, the mean over seeds and its spread, and figures (learning curves, accuracy vs
-inner steps, sinusoid fits and MSE vs steps, RL return vs inner steps). Only the cells `params.yaml` names
-are read; the output depends on nothing else (no timestamps, fixed order, PNGs without metadata), so
-re-running it on unchanged inputs rewrites the same bytes.
+on the same test episodes, the mean over seeds and its spread, and figures (learning curves against
+training tasks seen, accuracy vs inner steps, sinusoid fits and MSE vs steps, RL return vs inner steps),
+each variant in one colour throughout. Only the cells `params.yaml` names are read; the output depends
+on nothing else (no timestamps, fixed order, PNGs without metadata), so re-running it on unchanged inputs
+rewrites the same bytes.
 """
 from __future__ import annotations
 
@@ -217,10 +218,13 @@ def fewshot_cells(params: Params, benchmark: str, runs: Path) -> pd.DataFrame:
                     continue
                 m = read_json(metrics)
                 trained = read_provenance(folder / "train.json")
+                train = fewshot_train(params, benchmark, algorithm, setting)
+                cell = bench.settings[setting]
                 rows.append({"algorithm": algorithm, "setting": setting, "seed": seed, "acc": m["acc"],
                              "ci95": m["ci95"], "n_episodes": m["n_episodes"], "folder": folder,
-                             "iterations": trained.get("iterations",  # reached, under a time budget
-                                                       fewshot_train(params, benchmark, algorithm, setting).iterations),
+                             "iterations": trained.get("iterations", train.iterations),  # reached, under a time budget
+                             "tasks_per_update": train.meta_batch_size,
+                             "task_images": cell.n_way * ((train.k_shot or cell.k_shot) + train.n_query),
                              "trained": trained, "evaluated": m.get("provenance") or {}})
     return pd.DataFrame(rows)
 
@@ -292,38 +296,85 @@ def paired_table(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def variant_style(name: str) -> dict:
+    """The variant's colour and marker, the same in every figure: twelve variants on matplotlib's 10-colour
+    cycle would share colours (MAML and iMAML both blue), so each takes a fixed slot of tab20, its ten dark
+    shades first, in the order params.yaml's `variants` lists them."""
+    from dataclasses import fields
+
+    from matplotlib import colormaps
+    from mamlbench.config import VariantsParams
+    order = [f.name for f in fields(VariantsParams)]
+    slot = order.index(name)
+    return {"color": colormaps["tab20"](2 * slot if slot < 10 else 2 * (slot - 10) + 1),
+            "marker": "osD^vPX*hp<>"[slot % 12]}
+
+
+def _episode_accuracy(algorithm: str) -> bool:
+    """Whether the variant's meta-training accuracy is an N-way episode's: the baseline's is a supervised
+    classification over every training class (1,100-way on Omniglot), on another scale than the rest."""
+    from mamlbench.algorithms import ALGORITHMS
+    return not getattr(ALGORITHMS[algorithm], "global_labels", False)
+
+
+def tasks_axis(cells: pd.DataFrame) -> str:
+    """The curves' x label: what one "task" is for the variants drawn."""
+    label = "training tasks seen (meta-updates × tasks per meta-batch)"
+    batch = cells[~cells["algorithm"].map(_episode_accuracy)]
+    if not batch.empty:
+        label += (f"; {', '.join(dict.fromkeys(batch['algorithm']))}: one batch of "
+                  f"{'/'.join(str(n) for n in dict.fromkeys(batch['task_images']))} images = 1 task")
+    return label
+
+
 def plot_curves(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) -> None:
+    """Validation and meta-training accuracy against training tasks seen: variants that take one episode
+    (ProtoNet) or sixteen tasks (MAML) per update are compared at equal data, not at equal updates."""
+    from matplotlib.lines import Line2D
     plt = _plt()
-    fig, ax = plt.subplots()
-    for i, ((algorithm, seed), group) in enumerate(cells[cells["setting"] == setting].groupby(["algorithm", "seed"],
-                                                                                              sort=False)):
+    fig, (val_ax, train_ax) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)
+    in_setting = cells[cells["setting"] == setting]
+    handles = {}
+    for (algorithm, seed), group in in_setting.groupby(["algorithm", "seed"], sort=False):
         curve = pd.read_csv(group["folder"].iloc[0] / "curve.csv")
-        color = f"C{list(dict.fromkeys(cells['algorithm'])).index(algorithm)}"
-        val = curve.dropna(subset=["meta_val/query_acc"]) if "meta_val/query_acc" in curve else curve.iloc[:0]
-        label = algorithm if seed == cells["seed"].min() else None
-        ax.plot(val["iteration"], 100 * val["meta_val/query_acc"], "o-", color=color, label=label, ms=3)
-        train = curve.dropna(subset=["meta_train/query_acc"])
-        ax.plot(train["iteration"], 100 * train["meta_train/query_acc"].rolling(5, min_periods=1).mean(),
-                color=color, alpha=0.3, lw=1, label=f"{algorithm}, meta-training" if label else None)
-    ax.set(xlabel="meta-update", ylabel="query accuracy %",
-           title=f"{benchmark} {setting}: validation (dots) and meta-training (faint) accuracy")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay visible
+        style = variant_style(algorithm)
+        curve["tasks"] = curve["iteration"] * int(group["tasks_per_update"].iloc[0])
+        if "meta_val/query_acc" in curve:
+            val = curve.dropna(subset=["meta_val/query_acc"])
+            val_ax.plot(val["tasks"], 100 * val["meta_val/query_acc"], "-", ms=4, lw=1.3,
+                        markevery=max(len(val) // 12, 1), **style)
+        handles[algorithm] = Line2D([], [], ms=4, lw=1.3, **style)
+        if _episode_accuracy(algorithm):
+            train = curve.dropna(subset=["meta_train/query_acc"])
+            train_ax.plot(train["tasks"], 100 * train["meta_train/query_acc"].rolling(5, min_periods=1).mean(), "-",
+                          lw=1.1, alpha=0.8, color=style["color"])
+    skipped = ", ".join(dict.fromkeys(a for a in in_setting["algorithm"] if not _episode_accuracy(a)))
+    val_ax.set(title="validation (fixed episodes)", ylabel="query accuracy %")
+    train_ax.set(title="meta-training batches (mean of 5 logged points)"
+                 + (f"\n{skipped} not drawn: not an N-way accuracy" if skipped else ""))
+    train_ax.tick_params(labelleft=True)
+    fig.suptitle(f"{benchmark} {setting}", fontsize=10)
+    fig.supxlabel(tasks_axis(in_setting), fontsize=9)
+    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(handles), 6), fontsize=8, frameon=False)   # below the panels: no curve hidden
     save_figure(fig, path)
 
 
 def plot_steps(cells: pd.DataFrame, benchmark: str, setting: str, path: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots()
-    styles = ["o-", "s--", "^-.", "D:", "v-", "P--", "X-."]  # equal values must not hide a line under another
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
     for i, (algorithm, group) in enumerate(cells[cells["setting"] == setting].groupby("algorithm", sort=False)):
         steps = pd.concat([pd.read_csv(f / "eval" / "steps.csv") for f in group["folder"]])
         mean = steps.groupby("inner_steps")["acc"].mean()
         ci = steps.groupby("inner_steps")["ci95"].mean()
-        ax.plot(mean.index, 100 * mean, styles[i % len(styles)], label=algorithm, ms=7 - i % 4, mfc="none", lw=1.4)
-        ax.fill_between(mean.index, 100 * (mean - ci), 100 * (mean + ci), alpha=0.2)
+        style = variant_style(algorithm)   # dashes vary too: equal values must not hide a line under another
+        ax.plot(mean.index, 100 * mean, ("-", "--", "-.", ":")[i % 4], label=algorithm, ms=6, mfc="none", lw=1.3,
+                **style)
+        ax.fill_between(mean.index, 100 * (mean - ci), 100 * (mean + ci), alpha=0.15, color=style["color"], lw=0)
     ax.set(xlabel="inner steps at test time", ylabel="test accuracy %", title=f"{benchmark} {setting}: accuracy vs inner steps")
     _integer_ticks(ax)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay visible
     save_figure(fig, path)
 
 
@@ -351,6 +402,12 @@ def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -
                   "budget-matched" + ("" if paper_budget(params) else "; at this profile's budgets a difference "
                                       "says how far each got, not which variant is better") + "):",
                   "", table(comparison), ""]
+    lines += ["Figures: validation accuracy on the fixed validation episodes and the meta-training batches' "
+              "accuracy against training tasks seen, the cell's meta-updates × its tasks per meta-update "
+              "(`train.meta_batch_size`: ProtoNet's one episode and the baseline's one batch of an episode's images "
+              "count as one task), so variants are compared at equal data; the baseline's meta-training accuracy "
+              "(supervised, over every training class) is not drawn. Then test accuracy against test-time inner "
+              "steps. Each variant keeps its colour and marker in every figure.", ""]
     for setting in dict.fromkeys(cells["setting"]):
         for kind, plot in (("curves", plot_curves), ("steps", plot_steps)):
             name = f"{benchmark}_{setting}_{kind}.png"
@@ -401,7 +458,7 @@ def sinusoid_section(params: Params, runs: Path, figures: Path) -> list[str]:
         ax.set(title=f"K = {k}", xlabel="inner steps", yscale="log")
         _integer_ticks(ax)
     np.atleast_1d(axes)[0].set_ylabel("query MSE")
-    np.atleast_1d(axes)[0].legend(fontsize=8)
+    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))   # off the data
     save_figure(fig, figures / "sinusoid_mse_steps.png")
     lines.append("![sinusoid MSE vs steps](figures/sinusoid_mse_steps.png)")
     if (folders[0][1] / "fits.png").is_file():
@@ -411,6 +468,16 @@ def sinusoid_section(params: Params, runs: Path, figures: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- RL
+POLICIES = ("maml", "pretrained", "random")
+
+
+def policy_style(policy: str) -> dict:
+    """A meta-RL policy's colour and marker, the same in every figure (MAML's as in the few-shot ones)."""
+    from matplotlib import colormaps
+    slot = POLICIES.index(policy) if policy in POLICIES else len(POLICIES)
+    return {"color": colormaps["tab10"]((0, 1, 7, 4)[min(slot, 3)]), "marker": "os^D"[min(slot, 3)]}
+
+
 def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
@@ -451,11 +518,12 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
         for policy in policies:
             mean = np.array([np.mean([r[policy][f"step_{s}"]["mean"] for _, r in runs]) for s in steps])
             ci = np.array([np.mean([r[policy][f"step_{s}"]["ci95"] for _, r in runs]) for s in steps])
-            ax.plot(steps, mean, "o-", label=policy, ms=3)
-            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+            style = policy_style(policy)
+            ax.plot(steps, mean, "-", label=policy, ms=4, **style)
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.15, color=style["color"], lw=0)
         ax.set(xlabel="policy-gradient steps at test time", ylabel="average return", title=f"{env}: return vs steps")
         ax.set_xticks(steps)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # off the data
         save_figure(fig, figures / f"rl_{env}_return_steps.png")
         lines += [f"![{env} return vs steps](figures/rl_{env}_return_steps.png)", ""]
     return lines if found else lines + ["Not run with these params.", ""]

@@ -1,6 +1,6 @@
 """The report on metrics files the test writes: tables with CIs and the paper's numbers, paired
 comparisons with known differences, the mean over seeds, byte-identical output on a re-run; a short
-profile's report says it ranks nothing."""
+profile's report says it ranks nothing, and its figures compare variants at equal data in fixed colours."""
 from __future__ import annotations
 
 import json
@@ -117,3 +117,57 @@ def test_a_paper_profile_report_sets_each_cell_against_the_paper(synthetic):
     maml_row = next(line for line in text.splitlines() if line.startswith("| maml | 5w1s"))
     mean = float(maml_row.split(" | ")[5].split(" ± ")[0])   # the mean over the two seeds
     assert maml_row.endswith(f"| 98.70 ± 0.40 | {mean - 98.7:+.2f} |")
+
+
+@pytest.fixture
+def four_variants(tmp_path: Path) -> tuple[Path, Path]:
+    """MAML (16 tasks per update), ANIL, ProtoNet (one episode per update) and the baseline, whose
+    meta-training accuracy is over every training class."""
+    params = write_params(tmp_path / "params.yaml", {
+        "seeds": [0], "omniglot": {"run": {"algorithms": ["maml", "anil", "protonet", "baseline"], "settings": ["5w1s"]}},
+        "rl": {"envs": []}})
+    acc = np.random.default_rng(1).choice([0.6, 0.8, 1.0], size=50)
+    for algorithm in ("maml", "anil", "protonet", "baseline"):
+        _fewshot_cell(tmp_path / "runs" / "omniglot" / f"{algorithm}-5w1s-seed0", acc)
+    baseline = tmp_path / "runs" / "omniglot" / "baseline-5w1s-seed0" / "curve.csv"
+    baseline.write_text(baseline.read_text().replace(",0.5,", ",0.001,").replace(",0.6,", ",0.002,"))
+    return tmp_path, params
+
+
+def test_figures_compare_variants_at_equal_data_in_fixed_colours(four_variants, monkeypatch):
+    import matplotlib.colors as mcolors
+    from mamlbench import report
+    from mamlbench.config import VariantsParams, fewshot_train
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.__setitem__(path.name, fig))
+    root, params_path = four_variants
+    params = load_params(params_path)
+    report.build_report(params, root / "runs", root / "reports")
+    curves, steps = drawn["omniglot_5w1s_curves.png"], drawn["omniglot_5w1s_steps.png"]
+    val_ax, train_ax = curves.axes
+
+    def by_colour(ax):
+        return {mcolors.to_hex(line.get_color()): line for line in ax.get_lines()}
+
+    colour = {a: mcolors.to_hex(report.variant_style(a)["color"]) for a in ("maml", "anil", "protonet", "baseline")}
+    # x: training tasks seen, meta-updates x the cell's meta-batch (16 for MAML here, one episode for ProtoNet)
+    for algorithm in colour:
+        per_update = fewshot_train(params, "omniglot", algorithm, "5w1s").meta_batch_size
+        assert list(by_colour(val_ax)[colour[algorithm]].get_xdata()) == [20 * per_update, 40 * per_update]
+    assert fewshot_train(params, "omniglot", "maml", "5w1s").meta_batch_size > 1
+    assert list(by_colour(val_ax)[colour["protonet"]].get_xdata()) == [20, 40]
+    assert "baseline: one batch of 15 images = 1 task" in curves.get_supxlabel()   # 5 x (1 + 2) images
+    # the baseline's 1,100-way training accuracy is not drawn on the N-way axis; the others' are
+    assert colour["baseline"] not in by_colour(train_ax) and len(train_ax.get_lines()) == 3
+    assert "baseline not drawn" in train_ax.get_title()
+    assert val_ax.get_ylim() == train_ax.get_ylim()
+    # one colour per variant, the same in both figures, from a fixed map: twelve distinct colours and markers
+    assert {a: mcolors.to_hex(line.get_color()) for a, line in
+            zip((t.get_text() for t in steps.axes[0].get_legend().get_texts()), steps.axes[0].get_lines())} == colour
+    styles = [report.variant_style(f.name) for f in __import__("dataclasses").fields(VariantsParams)]
+    assert len({mcolors.to_hex(s["color"]) for s in styles}) == len({s["marker"] for s in styles}) == len(styles) == 12
+    # legends off the data: outside every axes
+    for fig, legend in ((curves, curves.legends[0]), (steps, steps.axes[0].get_legend())):
+        fig.canvas.draw()
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
