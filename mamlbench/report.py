@@ -478,6 +478,14 @@ def policy_style(policy: str) -> dict:
     return {"color": colormaps["tab10"]((0, 1, 7, 4)[min(slot, 3)]), "marker": "os^D"[min(slot, 3)]}
 
 
+def task_returns(evaluation: dict) -> dict[str, dict[str, tuple[float, float]]]:
+    """{policy: {"step_k": (mean, 95% CI)}} over the test tasks of an RL evaluate.json, by `mean_ci95`: the
+    formula of every few-shot table. metrics.json's own `ci95` is a Student-t interval (ddof 1), 4.5% wider
+    at 40 tasks; printing both would give one report two CI formulas."""
+    return {policy: {step: mean_ci95(v["per_task"]) for step, v in by_step.items()}
+            for policy, by_step in evaluation["policies"].items()}
+
+
 def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
@@ -491,6 +499,12 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
         if not runs:
             continue
         evaluated = [r.pop("provenance", None) or {} for _, r in runs]
+        for seed, r in runs:
+            per_task = runs_dir / "rl" / env / f"seed{seed}" / "evaluate.json"   # rl-evaluate writes it too
+            found_ci = task_returns(read_json(per_task)) if per_task.is_file() else {}
+            for policy, by_step in r.items():
+                for step, v in by_step.items():   # no per-task returns: the mean alone, no other CI formula
+                    v["mean"], v["ci95"] = found_ci.get(policy, {}).get(step, (v["mean"], float("nan")))
         trained = {m: [read_provenance(p.parent / "train.json", m) for s, p in files if p.is_file()]
                    for m in runs[0][1] if m != "random"}
         found = True
@@ -503,13 +517,16 @@ def rl_section(params: Params, runs_dir: Path, figures: Path) -> list[str]:
             for step in steps:
                 values = [r[policy][f"step_{step}"] for _, r in runs]
                 if len(values) == 1:
-                    row[_steps(step)] = f"{values[0]['mean']:.2f} ± {values[0]['ci95']:.2f}"
+                    row[_steps(step)] = f"{values[0]['mean']:.2f}" + ("" if math.isnan(values[0]["ci95"])
+                                                                      else f" ± {values[0]['ci95']:.2f}")
                 else:
                     mean, ci = seeds_ci95([v["mean"] for v in values])
                     row[_steps(step)] = f"{mean:.2f} ± {ci:.2f}"
             rows.append(row)
         lines += [f"### {env}", "", f"Average return after 0..{steps[-1]} policy-gradient steps on the fixed test "
-                  f"tasks (95% CI; seeds {', '.join(str(s) for s, _ in runs)}). The paper reports these as "
+                  f"tasks (seeds {', '.join(str(s) for s, _ in runs)}; one seed: 95% CI over the test tasks, "
+                  "1.96 std / sqrt(n) as in the few-shot tables; several: the mean over seeds with a t 95% CI over "
+                  "seeds). The paper reports these as "
                   "figures 4–5 (no table): paper value —.", "", table(pd.DataFrame(rows)), "",
                   provenance_line([r for records in trained.values() for r in records], evaluated,
                                   "".join(flags.values())), ""]

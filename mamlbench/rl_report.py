@@ -1,12 +1,14 @@
 """reports/rl/: the meta-RL reference runs, as the paper's fig. 5 with the budget each had.
 
 Per task family: the return on the fixed test tasks before and after 1..3 policy-gradient steps for
-MAML, the pretrained baseline and a random initialisation (means with 95% CIs over tasks), MAML's
-paired per-task difference against each baseline, the meta-iterations reached against the
+MAML, the pretrained baseline and a random initialisation (means with 95% CIs over tasks, 1.96 std / sqrt(n)
+from the stored per-task returns, as every table of the repo), MAML's paired per-task difference against
+each baseline, the meta-iterations reached against the
 protocol's, the wall time, what stopped training, and the machine's load; then the figures
 (`adaptation.png` is fig. 5, `training.png` the meta-training curves, `trace.png` navigation's
 paths). The small files it reads are copied to `<out>/<env>/runs/`, so the page rebuilds from the
-repo byte for byte.
+repo byte for byte. `<out>/<env>/seed<k>/` folders are the DVC pipeline's (its rl-evaluate stage plots
+there): the page says so, since they sit beside these runs' files.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from mamlbench.config import load_params
 from mamlbench.io import write_text
-from mamlbench.report import table
+from mamlbench.report import table, task_returns
 from mamlbench.rl.params import ENV_NAMES
 from mamlbench.stats import mean_ci95
 
@@ -64,10 +66,11 @@ def provenance(folder: Path) -> dict[str, dict]:
     return found
 
 
-def returns_table(metrics: dict) -> list[dict]:
-    steps = sorted(metrics["maml"], key=lambda k: int(k.split("_")[1]))
-    return [{"policy": p, **{f"step {k.split('_')[1]}": f"{metrics[p][k]['mean']:.2f} ± {metrics[p][k]['ci95']:.2f}"
-                             for k in steps}} for p in POLICIES if p in metrics]
+def returns_table(evaluation: dict) -> list[dict]:
+    returns = task_returns(evaluation)
+    steps = sorted(returns["maml"], key=lambda k: int(k.split("_")[1]))
+    return [{"policy": p, **{f"step {k.split('_')[1]}": "{:.2f} ± {:.2f}".format(*returns[p][k]) for k in steps}}
+            for p in POLICIES if p in returns]
 
 
 def paired(evaluation: dict, other: str, step: str) -> tuple[float, float, int, int]:
@@ -87,11 +90,10 @@ def _stamps(folder: Path) -> list[tuple[str, str, str, str]]:
 
 def summary_row(env: str, folder: Path, protocol_iterations: int) -> dict:
     runs = folder / "runs"
-    evaluation, metrics = _read(runs / "evaluate.json"), _read(runs / "metrics.json")
+    evaluation = _read(runs / "evaluate.json")
     prov = provenance(runs).get("maml", {})
     history = _read(runs / "maml" / "history.json") or []
-    row = {"task family": TITLES[env], "MAML after 1 step": f"{metrics['maml']['step_1']['mean']:.2f} ± "
-                                                            f"{metrics['maml']['step_1']['ci95']:.2f}"}
+    row = {"task family": TITLES[env], "MAML after 1 step": "{:.2f} ± {:.2f}".format(*task_returns(evaluation)["maml"]["step_1"])}
     for other in ("pretrained", "random"):
         mean, ci, wins, n = paired(evaluation, other, "step_1")
         row[f"minus {other}"] = f"{mean:+.2f} ± {ci:.2f}" + (" ✓" if mean - ci > 0 else "")
@@ -101,11 +103,11 @@ def summary_row(env: str, folder: Path, protocol_iterations: int) -> dict:
 
 def env_section(env: str, folder: Path, protocol_iterations: int) -> list[str]:
     runs = folder / "runs"
-    metrics, evaluation, prov = _read(runs / "metrics.json"), _read(runs / "evaluate.json"), provenance(runs)
+    evaluation, prov = _read(runs / "evaluate.json"), provenance(runs)
     lines = [f"## {TITLES[env]} (`{env}`)", ""]
     lines += ["Return on the fixed test tasks (means ± 95% CI over tasks) after 0–3 policy-gradient steps "
-              "(the paper's fig. 5):", "", table_rows(returns_table(metrics)), ""]
-    steps = [k for k in metrics["maml"] if k != "step_0"]
+              "(the paper's fig. 5):", "", table_rows(returns_table(evaluation)), ""]
+    steps = [k for k in evaluation["policies"]["maml"] if k != "step_0"]
     diffs = []
     for other in ("pretrained", "random"):
         for step in steps:
@@ -132,6 +134,24 @@ def env_section(env: str, folder: Path, protocol_iterations: int) -> list[str]:
     return lines + [""]
 
 
+def pipeline_outputs(out: Path, profile: str) -> list[str]:
+    """A line per `<env>/seed<k>/` folder: dvc.yaml's rl-evaluate stage writes its figures there (`--plots
+    reports/rl/<env>/seed<k>`) under params.yaml's profile, so they are not these runs' and must say so."""
+    lines = []
+    for env in ENV_NAMES:
+        for folder in sorted(f for f in (out / env).glob("seed*") if f.is_dir()):
+            files = ", ".join(f"`{f.name}`" for f in sorted(folder.iterdir()) if f.is_file())
+            lines.append(f"- `{env}/{folder.name}/` ({files}): written by `dvc repro`'s "
+                         f"`rl-evaluate@{env}-{folder.name[4:]}` stage under params.yaml's profile, `{profile}`"
+                         + (": a smoke test's budget, not a result" if profile == "quick" else "")
+                         + "; its numbers are in the pipeline's report, [../README.md](../README.md).")
+    if not lines:
+        return []
+    return [f"## Not these runs: the `{profile}` pipeline's outputs", "",
+            "These folders sit beside the reference runs but hold none of their results; no table or figure "
+            "above reads them:", "", *lines, ""]
+
+
 def table_rows(rows: list[dict]) -> str:
     import pandas as pd
     return table(pd.DataFrame(rows))
@@ -142,7 +162,8 @@ The runs: `scripts/rl_reference_runs.sh <root> 1` and `... <root> 2` side by sid
 Worker 1 trains 2D navigation's MAML (`mamlbench rl train navigation --only maml --profile rl_reference`)
 and evaluates navigation once worker 2 has trained its pretrained baseline (`--only pretrained`, after the
 MuJoCo families); worker 2 runs, per MuJoCo family, `mamlbench rl train <env> --profile rl_reference` then
-`mamlbench rl evaluate <env> --profile rl_reference`. This page: `mamlbench rl report --runs <root> --out reports/rl`.
+`mamlbench rl evaluate <env> --profile rl_reference`. This page: `mamlbench rl report --runs <root> --out reports/rl
+--note reports/rl/NOTE.md`; without `--runs` it rebuilds from the copies under reports/rl/ alone.
 Through DVC, one process per family: `dvc exp run -S profile=rl_reference -S 'rl.envs=[navigation,halfcheetah_dir]'`.
 """
 
@@ -167,7 +188,11 @@ def build_rl_report(out: str | Path, runs: str | Path | None = None, params_path
              f"episodes per task and step, step sizes {', '.join(f'{a:g}' for a in test.inner_lrs)}. MuJoCo "
              "dynamics as rllab's (time step, reset noise, observations; docs/protocols.md, meta-RL), so returns "
              "are on the paper's scale. Machine: the 2-core CPU (no GPU), one torch thread per run, two runs side "
-             "by side. ✓: MAML above the baseline, the paired CI clear of zero.", ""]
+             "by side. ±: a 95% CI over the test tasks, 1.96 · std / √n with the population std (ddof 0), the "
+             "original MAML code's formula and that of every few-shot table (`mamlbench.stats.mean_ci95`), "
+             "computed here from the per-task returns in `evaluate.json`; the figures `adaptation.png`, drawn "
+             "by `mamlbench rl evaluate`, shade its Student-t interval (ddof 1), 4.5% wider at 40 tasks. "
+             "✓: MAML above the baseline, the paired CI clear of zero.", ""]
     if note and Path(note).is_file():
         lines += [Path(note).read_text().strip(), ""]
     if envs:
@@ -179,6 +204,7 @@ def build_rl_report(out: str | Path, runs: str | Path | None = None, params_path
     missing = [e for e in ENV_NAMES if e not in envs]
     if missing:
         lines += ["Not run yet: " + ", ".join(f"`{e}`" for e in missing) + ".", ""]
+    lines += pipeline_outputs(out, load_params(params_path).profile)
     lines += ["## Commands", "", COMMANDS]
     path = out / "README.md"
     write_text(path, "\n".join(lines).rstrip() + "\n")

@@ -171,3 +171,25 @@ def test_figures_compare_variants_at_equal_data_in_fixed_colours(four_variants, 
         fig.canvas.draw()
         box = legend.get_window_extent()
         assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+
+
+def test_rl_table_ci_is_the_few_shot_formula_over_the_test_tasks(tmp_path):
+    """metrics.json's ci95 is a Student-t interval; the report prints 1.96 std / sqrt(n) (ddof 0) from the
+    per-task returns in evaluate.json, as every few-shot table, and no CI where those are missing."""
+    params = write_params(tmp_path / "params.yaml", {"seeds": [0], "omniglot": {"run": {"algorithms": []}},
+                                                     "rl": {"envs": ["navigation"]}})
+    folder = tmp_path / "runs" / "rl" / "navigation" / "seed0"
+    folder.mkdir(parents=True)
+    per_task = {p: {f"step_{s}": [-40.0 + s + d for d in (-1.0, 1.0, -2.0, 2.0)] for s in range(2)}
+                for p in ("maml", "pretrained", "random")}
+    (folder / "metrics.json").write_text(json.dumps(
+        {p: {k: {"mean": float(np.mean(v)), "ci95": 9.99} for k, v in steps.items()} for p, steps in per_task.items()}))
+    (folder / "evaluate.json").write_text(json.dumps(
+        {"env": "navigation", "policies": {p: {k: {"mean": float(np.mean(v)), "ci95": 9.99, "per_task": v}
+                                               for k, v in steps.items()} for p, steps in per_task.items()}}))
+    text = build_report(load_params(params), tmp_path / "runs", tmp_path / "reports")[0].read_text()
+    ci = 1.96 * np.std([-1.0, 1.0, -2.0, 2.0]) / 2   # 1.55
+    assert f"| maml | -40.00 ± {ci:.2f} | -39.00 ± {ci:.2f} |" in text and "9.99" not in text
+    (folder / "evaluate.json").unlink()
+    text = build_report(load_params(params), tmp_path / "runs", tmp_path / "reports2")[0].read_text()
+    assert "| maml | -40.00 | -39.00 |" in text
