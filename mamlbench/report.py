@@ -263,7 +263,8 @@ def fewshot_table(cells: pd.DataFrame, benchmark: str, paper_budget: bool = Fals
                      "iterations": "–".join(dict.fromkeys(str(int(i)) for i in sorted(group["iterations"]))),
                      "seeds": len(group), "episodes": int(group["n_episodes"].iloc[0]),
                      "accuracy % (95% CI)": pct(acc, ci), "sd over seeds": spread,
-                     "paper %": "—" if paper is None else (f"{paper[0]:.2f}" + (f" ± {paper[1]:.2f}" if paper[1] else ""))})
+                     "paper %": "—" if paper is None else (f"{paper[0]:.2f}"
+                                                            + (f" ± {paper[1]:.2f}" if paper[1] else ""))})
         if paper_budget:
             rows[-1]["ours − paper"] = "—" if paper is None else f"{100 * acc - paper[0]:+.2f}"
     return pd.DataFrame(rows)

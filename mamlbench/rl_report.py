@@ -93,7 +93,8 @@ def summary_row(env: str, folder: Path, protocol_iterations: int) -> dict:
     evaluation = _read(runs / "evaluate.json")
     prov = provenance(runs).get("maml", {})
     history = _read(runs / "maml" / "history.json") or []
-    row = {"task family": TITLES[env], "MAML after 1 step": "{:.2f} ± {:.2f}".format(*task_returns(evaluation)["maml"]["step_1"])}
+    row = {"task family": TITLES[env],
+           "MAML after 1 step": "{:.2f} ± {:.2f}".format(*task_returns(evaluation)["maml"]["step_1"])}
     for other in ("pretrained", "random"):
         mean, ci, wins, n = paired(evaluation, other, "step_1")
         row[f"minus {other}"] = f"{mean:+.2f} ± {ci:.2f}" + (" ✓" if mean - ci > 0 else "")
