@@ -473,10 +473,11 @@ POLICIES = ("maml", "pretrained", "random")
 
 
 def policy_style(policy: str) -> dict:
-    """A meta-RL policy's colour and marker, the same in every figure (MAML's as in the few-shot ones)."""
+    """A meta-RL policy's colour and marker, the same in every figure: tab10's first three, the colours
+    `mamlbench rl evaluate` gives them in adaptation.png (MAML's blue is also MAML's in the few-shot ones)."""
     from matplotlib import colormaps
     slot = POLICIES.index(policy) if policy in POLICIES else len(POLICIES)
-    return {"color": colormaps["tab10"]((0, 1, 7, 4)[min(slot, 3)]), "marker": "os^D"[min(slot, 3)]}
+    return {"color": colormaps["tab10"](min(slot, 3)), "marker": "os^D"[min(slot, 3)]}
 
 
 def task_returns(evaluation: dict) -> dict[str, dict[str, tuple[float, float]]]:
