@@ -21,7 +21,8 @@ import pandas as pd
 from mamlbench.config import fewshot_cell, load_params
 from mamlbench.guards import read_json
 from mamlbench.io import write_text
-from mamlbench.report import PAPER, _plt, final_step, paired_files, pct, provenance_line, save_figure, seeds_ci95, table
+from mamlbench.report import (PAPER, _plt, final_step, paired_files, pct, provenance_line, save_figure, seeds_ci95, table,
+                              variant_style)
 from mamlbench.stats import mean_ci95
 
 SETTINGS = {"5w1s": "5-way 1-shot", "5w5s": "5-way 5-shot", "20w1s": "20-way 1-shot", "20w5s": "20-way 5-shot"}
@@ -385,9 +386,9 @@ def plot_wall_time(cells: pd.DataFrame, path: Path) -> None:
     """Validation accuracy against training wall time, a panel per setting, a line per variant."""
     plt = _plt()
     settings = [s for s in SETTINGS if (cells["setting"] == s).any()]
-    fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(3.6 * max(len(settings), 1), 3.4), squeeze=False)
-    palette = plt.get_cmap("tab20").colors   # 11 variants: more than the default cycle's 10 colours
-    colors = {a: palette[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1] for i, a in enumerate(VARIANTS)}
+    fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(3.6 * max(len(settings), 1), 3.4), squeeze=False,
+                             sharey=True)   # one accuracy scale: panels compare at a glance
+    colors = {a: variant_style(a)["color"] for a in VARIANTS}   # as in every other figure
     for ax, setting in zip(axes[0], settings):
         for algorithm, name in VARIANTS.items():
             group = cells[(cells["algorithm"] == algorithm) & (cells["setting"] == setting)].sort_values("seed")

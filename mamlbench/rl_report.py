@@ -192,7 +192,8 @@ def build_rl_report(out: str | Path, runs: str | Path | None = None, params_path
              "by side. ±: a 95% CI over the test tasks, 1.96 · std / √n with the population std (ddof 0), the "
              "original MAML code's formula and that of every few-shot table (`mamlbench.stats.mean_ci95`), "
              "computed here from the per-task returns in `evaluate.json`; the figures `adaptation.png`, drawn "
-             "by `mamlbench rl evaluate`, shade its Student-t interval (ddof 1), 4.5% wider at 40 tasks. "
+             "by `mamlbench rl evaluate` when these runs were evaluated, shade a Student-t interval (ddof 1), "
+             "4.5% wider at 40 tasks (`rl evaluate` now draws the tables' formula). "
              "✓: MAML above the baseline, the paired CI clear of zero.", ""]
     if note and Path(note).is_file():
         lines += [Path(note).read_text().strip(), ""]
