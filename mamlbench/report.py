@@ -297,18 +297,22 @@ def paired_table(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Twelve hues a reader can tell apart: tab10, then black and a dark gold (a light shade of a tab10 hue,
+# tab20's, reads as the same variant beside its dark twin).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#b8860b")
+
+
 def variant_style(name: str) -> dict:
     """The variant's colour and marker, the same in every figure: twelve variants on matplotlib's 10-colour
-    cycle would share colours (MAML and iMAML both blue), so each takes a fixed slot of tab20, its ten dark
-    shades first, in the order params.yaml's `variants` lists them."""
+    cycle would share colours (MAML and iMAML both blue), so each takes a fixed hue of `PALETTE` and a
+    marker, in the order params.yaml's `variants` lists them."""
     from dataclasses import fields
 
-    from matplotlib import colormaps
     from mamlbench.config import VariantsParams
     order = [f.name for f in fields(VariantsParams)]
     slot = order.index(name)
-    return {"color": colormaps["tab20"](2 * slot if slot < 10 else 2 * (slot - 10) + 1),
-            "marker": "osD^vPX*hp<>"[slot % 12]}
+    return {"color": PALETTE[slot % len(PALETTE)], "marker": "osD^vPX*hp<>"[slot % 12]}
 
 
 def _episode_accuracy(algorithm: str) -> bool:
