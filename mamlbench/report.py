@@ -270,6 +270,11 @@ def fewshot_table(cells: pd.DataFrame, benchmark: str, paper_budget: bool = Fals
     return pd.DataFrame(rows)
 
 
+def _unequal(mine: float, theirs: float) -> str:
+    """⚠ where two budgets differ by more than 5%: the difference then also measures the budget."""
+    return " ⚠ unequal" if abs(mine - theirs) > 0.05 * max(theirs, 1e-9) else ""
+
+
 def paired_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Each variant against MAML on the same episodes, per seed and (several seeds) their mean."""
     rows = []
@@ -284,16 +289,22 @@ def paired_table(cells: pd.DataFrame) -> pd.DataFrame:
                     continue
                 d = paired_files(row.folder / "eval", base.loc[row.seed, "folder"] / "eval")
                 diffs.append(d["diff"])
-                mine, theirs = int(row.iterations), int(base.loc[row.seed, "iterations"])
+                other = base.loc[row.seed]
+                mine, theirs = int(row.iterations), int(other["iterations"])
+                tasks = (mine * row.tasks_per_update, theirs * int(other["tasks_per_update"]))
+                time = [(r.get("wall_seconds") or 0.0) for r in (row.trained, other["trained"])]
                 rows.append({"variant − maml": algorithm, "setting": setting, "seed": str(row.seed),
                              "difference, points (95% CI)": pct(d["diff"], d["ci95"]),
                              "variant / maml / tie (episodes)": f"{d['a_wins']} / {d['b_wins']} / {d['ties']}",
-                             "meta-updates, variant / maml": f"{mine} / {theirs}" + (" ⚠ unequal" if mine != theirs else "")})
+                             "meta-updates, variant / maml": f"{mine} / {theirs}" + (" ⚠ unequal" if mine != theirs else ""),
+                             "tasks seen, variant / maml": f"{tasks[0]:,} / {tasks[1]:,}" + _unequal(*tasks),
+                             "training s, variant / maml": f"{time[0]:.0f} / {time[1]:.0f}" + _unequal(*time)})
             if len(diffs) > 1:
                 mean, ci = seeds_ci95(diffs)
                 rows.append({"variant − maml": algorithm, "setting": setting, "seed": f"mean of {len(diffs)}",
                              "difference, points (95% CI)": pct(mean, ci), "variant / maml / tie (episodes)": "—",
-                             "meta-updates, variant / maml": "—"})
+                             "meta-updates, variant / maml": "—", "tasks seen, variant / maml": "—",
+                             "training s, variant / maml": "—"})
     return pd.DataFrame(rows)
 
 
@@ -403,8 +414,8 @@ def fewshot_section(params: Params, benchmark: str, runs: Path, figures: Path) -
     comparison = paired_table(cells)
     if not comparison.empty:
         lines += ["Paired against MAML on the same test episodes (difference of per-episode accuracy, final step; "
-                  "⚠ where the two trained for different numbers of meta-updates, so the difference is not "
-                  "budget-matched" + ("" if paper_budget(params) else "; at this profile's budgets a difference "
+                  "budgets side by side in meta-updates, tasks seen and training wall time; ⚠ where a budget differs "
+                  "by more than 5%, so the difference is not matched in it" + ("" if paper_budget(params) else "; at this profile's budgets a difference "
                                       "says how far each got, not which variant is better") + "):",
                   "", table(comparison), ""]
     lines += ["Figures: validation accuracy on the fixed validation episodes and the meta-training batches' "

@@ -87,6 +87,10 @@ def test_report_tables_paired_comparisons_and_determinism(synthetic):
     assert "| anil | 5w1s | 0 | -10.00 ± 0.00 | 0 / 50 / 0 |" in text
     assert "| anil | 5w1s | 1 | -20.00 ± 0.00 | 0 / 50 / 0 |" in text
     assert "| anil | 5w1s | mean of 2 | -15.00 ±" in text
+    # budgets side by side: meta-updates (params' 300 each), tasks seen (x meta-batch 16), training time
+    quick = load_params(params_path).omniglot.train
+    tasks = f"{quick.iterations * quick.meta_batch_size:,}"
+    assert f"| {quick.iterations} / {quick.iterations} | {tasks} / {tasks} | 0 / 0 |" in text
     # the sinusoid's paired MSE difference: maml is 4x smaller on every task
     assert "maml − pretrain, paired" in text
     figures = sorted(p.name for p in (root / "reports" / "figures").iterdir())
@@ -95,6 +99,12 @@ def test_report_tables_paired_comparisons_and_determinism(synthetic):
     before = {p: p.read_bytes() for p in written}
     again = build_report(params, root / "runs", root / "reports")
     assert again == written and all(p.read_bytes() == before[p] for p in again)
+    for seed, seconds in ((0, 90.0), (1, 60.0)):   # anil trained 1.5x and 1.0x MAML's 60 s
+        for name, wall in ((f"anil-5w1s-seed{seed}", seconds), (f"maml-5w1s-seed{seed}", 60.0)):
+            (root / "runs" / "omniglot" / name / "train.json").write_text(json.dumps({"provenance": {"wall_seconds": wall}}))
+    build_report(params, root / "runs", root / "reports2")
+    text = (root / "reports2" / "README.md").read_text()
+    assert "| 90 / 60 ⚠ unequal |" in text and "| 60 / 60 |" in text
 
 
 def test_paired_files_refuses_different_episodes(synthetic):
