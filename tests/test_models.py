@@ -1,6 +1,7 @@
 """The paper's few-shot classifiers: shapes, the head(features(x)) split, no redundant biases."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -62,3 +63,34 @@ def test_build_model_errors_and_overrides():
     assert isinstance(build_model("mlp_omniglot", 5, hidden=[16]), FCNet)
     with pytest.raises(ValueError, match="too small"):
         Conv4(3, 5, downsample="maxpool", pool="flatten", image_size=8)
+
+
+@pytest.mark.parametrize("side", [8, 7])
+def test_omniglot_conv_pads_as_tensorflow_same(side):
+    """TF's 'SAME' at stride 2 (the original's conv_block): out = ceil(n / 2), total padding
+    (out - 1) * 2 + 3 - n, the odd pixel after: on an even map nothing before, one after. Computed
+    here by hand, output[i, j] = sum over a, b of w[a, b] * x[2i + a - before, 2j + b - before]."""
+    from mamlbench.models.conv import build_model
+    conv = build_model("conv4_omniglot", 5).features[0][0]
+    g = torch.Generator().manual_seed(side)
+    x = torch.randn(1, 1, side, side, generator=g, dtype=torch.float64)
+    w = torch.randn(1, 1, 3, 3, generator=g, dtype=torch.float64)
+    conv = conv.double()
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:1] = w
+    out = -(-side // 2)
+    before = ((out - 1) * 2 + 3 - side) // 2
+    expected = np.zeros((out, out))
+    xs, ws = x[0, 0].numpy(), w[0, 0].numpy()
+    for i in range(out):
+        for j in range(out):
+            for a in range(3):
+                for b in range(3):
+                    r, c = 2 * i + a - before, 2 * j + b - before
+                    if 0 <= r < side and 0 <= c < side:
+                        expected[i, j] += ws[a, b] * xs[r, c]
+    got = conv(x)[0, 0].detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    symmetric = torch.nn.functional.conv2d(x, w, stride=2, padding=1)[0, 0].numpy()
+    assert (side % 2 == 1) == np.allclose(symmetric, expected)   # PyTorch's padding=1 differs on even maps

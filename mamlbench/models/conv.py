@@ -4,7 +4,7 @@ Every model is `head(features(x))`: `features` maps images to a flat embedding, 
 `nn.Linear` to the `n_way` logits. ANIL relies on that split to embed a task's support set once.
 
 Choices, checked against the original TensorFlow code (cbfinn/maml, `maml.py`):
-- Omniglot conv4: 4 x [3x3 conv, 64 filters, stride 2, BatchNorm, ReLU], then the *mean* over the
+- Omniglot conv4: 4 x [3x3 conv, 64 filters, stride 2, TF 'SAME' padding, BatchNorm, ReLU], then the *mean* over the
   remaining 2x2 positions (the original's `tf.reduce_mean(hidden4, [1, 2])`), then a linear head.
 - mini-ImageNet conv4: 4 x [3x3 conv (padding 1), 32 filters, BatchNorm, ReLU, 2x2 max-pool], then
   the 5x5x32 = 800 features flattened, then a linear head.
@@ -56,13 +56,18 @@ def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
 
 
 class ConvBlock(nn.Sequential):
-    """3x3 conv (no bias) -> BatchNorm -> ReLU, downsampled by stride 2 or by a 2x2 max-pool."""
+    """3x3 conv (no bias) -> BatchNorm -> ReLU, downsampled by stride 2 or by a 2x2 max-pool.
+
+    The original pads as TF's 'SAME' (maml utils.py:33): at stride 2 on an even map that is no pixel
+    before and one after, which `SameConv2d` does; PyTorch's symmetric padding=1 would sample a grid
+    shifted by one pixel. At stride 1 'SAME' is padding=1."""
 
     def __init__(self, in_channels: int, out_channels: int, downsample: Literal["stride", "maxpool"],
                  norm: Norm = "affine", norm_eps: float = 1e-5):
-        stride = 2 if downsample == "stride" else 1
+        conv = (SameConv2d(in_channels, out_channels, 3, stride=2, bias=False) if downsample == "stride"
+                else nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=False))
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            conv,
             batch_norm(nn.BatchNorm2d, out_channels, norm, norm_eps),
             nn.ReLU(),
         ]
