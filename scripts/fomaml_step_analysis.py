@@ -12,7 +12,7 @@ profile and for each trained run's final model, on 64 training tasks drawn with 
 
 at the profile's own step and at a 5x smaller one (alpha / 5 under the same loss reduction).
 
-usage: python step_analysis.py PARAMS PROFILE PREPARED [RUN_DIR ...]  > out.json
+usage: python scripts/fomaml_step_analysis.py PARAMS PROFILE PREPARED [RUN_DIR ...]  > out.json
 (one torch thread; run it with the code the runs were trained with on PYTHONPATH)
 """
 import dataclasses
