@@ -29,7 +29,8 @@ for cell in "$@"; do
     mamlbench evaluate "${opts[@]}" --runs "$run" --out "$run/eval" >>"$log" 2>&1
     echo "# $(date -u +%FT%TZ) done load: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$log"
   else
-    echo "# $(date -u +%FT%TZ) stopped (rc $?): the sitting is over; rerun to continue" >>"$log"
+    rc=$?   # before any other expansion resets it
+    echo "# $(date -u +%FT%TZ) stopped (rc $rc): the sitting is over; rerun to continue" >>"$log"
     break
   fi
 done
