@@ -536,7 +536,8 @@ def _gpu_line(cells: pd.DataFrame) -> str:
     short = [v for v in shares.values() if v < 1]
     gpu = ("The full protocol is `profile: paper` (`dvc exp run -S profile=paper`, `train.device: auto` takes the "
            "GPU); its time on a GPU has not been measured on this project's machines, so no estimate is given here.")
-    lead = f"{', '.join(complete)} ran {'its' if len(complete) == 1 else 'their'} whole protocol. " if complete else ""
+    lead = (f"{', '.join(complete)} reached {'its' if len(complete) == 1 else 'their'} protocol's update count "
+            "(the note above says what that leaves out). ") if complete else ""
     if not short:
         return lead + gpu
     return (lead + f"No {'other ' if complete else ''}cell here reached more than {100 * max(short):.1f}% of its "
