@@ -22,7 +22,7 @@ from mamlbench.config import fewshot_cell, load_params
 from mamlbench.guards import read_json
 from mamlbench.io import write_text
 from mamlbench.report import (PAPER, _plt, final_step, paired_files, pct, provenance_line, save_figure, seeds_ci95, table,
-                              variant_style)
+                              unequal, variant_style)
 from mamlbench.stats import mean_ci95
 
 SETTINGS = {"5w1s": "5-way 1-shot", "5w5s": "5-way 5-shot", "20w1s": "20-way 1-shot", "20w5s": "20-way 5-shot"}
@@ -214,7 +214,7 @@ def budget_table(cells: pd.DataFrame, runs: Path) -> pd.DataFrame:
             "protocol": PROTOCOLS.get(algorithm, "—"), "head init": _head_init(algorithm, setting),
             "− MAML at matched wall time, paired (seed 0)": _against_maml(cells, algorithm, setting),
             "− MAML at matched updates, validation (seed 0)": _matched_text(matched_updates(cells, algorithm, setting)),
-            "meta-updates reached": (" / ".join(f"{i:,}" for i in iterations) or "—") + _unequal(cells, group, setting),
+            "meta-updates reached": (" / ".join(f"{i:,}" for i in iterations) or "—") + _unequal_updates(cells, group, setting),
             "of the protocol's": f"{protocol_iterations(algorithm, setting):,}",
             "training min": " / ".join(f"{s / 60:.1f}" for s in seconds) or "—",
             "updates/s": "—" if rate is None else f"{rate:.2f}",
@@ -225,14 +225,14 @@ def budget_table(cells: pd.DataFrame, runs: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _unequal(cells: pd.DataFrame, group: pd.DataFrame, setting: str) -> str:
+def _unequal_updates(cells: pd.DataFrame, group: pd.DataFrame, setting: str) -> str:
     """⚠ where a cell's updates differ from MAML's (seed by seed) by more than 5%: its comparison
     at matched wall time is then also a comparison of budgets."""
     maml = cells[(cells["algorithm"] == "maml") & (cells["setting"] == setting)].set_index("seed")["iterations"]
     for row in group.itertuples():
         theirs = maml.get(row.seed)
-        if row.algorithm != "maml" and row.iterations and theirs and abs(row.iterations - theirs) > 0.05 * theirs:
-            return " ⚠ unequal"
+        if row.algorithm != "maml" and row.iterations and theirs and unequal(row.iterations, theirs):
+            return unequal(row.iterations, theirs)
     return ""
 
 
@@ -274,7 +274,7 @@ def _against_maml(cells: pd.DataFrame, algorithm: str, setting: str) -> str:
     if mine != theirs:   # a top-k ensemble or a best-on-validation model against MAML's final one
         text += f" ({mine} vs MAML's {theirs})"
     a, b = _seed0(cells, algorithm, setting), _seed0(cells, "maml", setting)
-    if a["seconds"] and b["seconds"] and abs(a["seconds"] - b["seconds"]) > 0.05 * b["seconds"]:
+    if a["seconds"] and b["seconds"] and unequal(a["seconds"], b["seconds"]):
         text += f" ⚠ unequal time: {a['seconds'] / 60:.1f} vs {b['seconds'] / 60:.1f} min"
     return text
 
@@ -575,16 +575,11 @@ def _full_paper(profile: str, algorithm: str, setting: str) -> tuple[float, floa
     return NO_CONV.get((algorithm, setting)) if profile == "paper_noconv" else _paper(algorithm, setting)
 
 
-def _newest_checkpoint(folder: Path) -> Path | None:
-    found = sorted((folder / "checkpoints").glob("ckpt-*.pt")) if (folder / "checkpoints").is_dir() else []
-    return found[-1] if found else None
-
-
 def collect_full(runs: Path, out: Path) -> Path:
     """Copy each cell's small files to `out/runs`: a finished cell's model (the release) and evaluation,
     a cell still training its newest checkpoint (what the next sitting resumes) with its curve."""
     from mamlbench.io import load_torch, save_torch
-    from mamlbench.train import write_clock, write_curve
+    from mamlbench.train import Checkpointer, write_clock, write_curve
     runs, kept = Path(runs), Path(out) / "runs"
     if runs.resolve() == kept.resolve():
         return kept
@@ -596,9 +591,10 @@ def collect_full(runs: Path, out: Path) -> Path:
             _copy(folder, target, FEWSHOT_FILES + ("model.pt",))
             shutil.rmtree(target / "checkpoints", ignore_errors=True)   # finished: no carry
             continue
-        newest = _newest_checkpoint(folder)
-        if newest is None:
+        found = Checkpointer(folder / "checkpoints", "").paths()   # the training loop's own naming
+        if not found:
             continue
+        newest = found[-1]
         state = load_torch(newest, require_digest=True)
         write_curve(target / "curve.csv", state["history"])
         write_clock(target / "clock.csv", state["clock"])

@@ -270,7 +270,7 @@ def fewshot_table(cells: pd.DataFrame, benchmark: str, paper_budget: bool = Fals
     return pd.DataFrame(rows)
 
 
-def _unequal(mine: float, theirs: float) -> str:
+def unequal(mine: float, theirs: float) -> str:
     """⚠ where two budgets differ by more than 5%: the difference then also measures the budget."""
     return " ⚠ unequal" if abs(mine - theirs) > 0.05 * max(theirs, 1e-9) else ""
 
@@ -297,8 +297,8 @@ def paired_table(cells: pd.DataFrame) -> pd.DataFrame:
                              "difference, points (95% CI)": pct(d["diff"], d["ci95"]),
                              "variant / maml / tie (episodes)": f"{d['a_wins']} / {d['b_wins']} / {d['ties']}",
                              "meta-updates, variant / maml": f"{mine} / {theirs}" + (" ⚠ unequal" if mine != theirs else ""),
-                             "tasks seen, variant / maml": f"{tasks[0]:,} / {tasks[1]:,}" + _unequal(*tasks),
-                             "training s, variant / maml": f"{time[0]:.0f} / {time[1]:.0f}" + _unequal(*time)})
+                             "tasks seen, variant / maml": f"{tasks[0]:,} / {tasks[1]:,}" + unequal(*tasks),
+                             "training s, variant / maml": f"{time[0]:.0f} / {time[1]:.0f}" + unequal(*time)})
             if len(diffs) > 1:
                 mean, ci = seeds_ci95(diffs)
                 rows.append({"variant − maml": algorithm, "setting": setting, "seed": f"mean of {len(diffs)}",
